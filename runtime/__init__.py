@@ -1,0 +1,1 @@
+"""Inference runtime: request validation, conditioning inputs, the pipeline, backends and video output."""
