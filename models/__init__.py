@@ -2,3 +2,10 @@
 
 Every module loads the released checkpoint's state dict unchanged (strict key matching).
 """
+
+from .checkpoint import CheckpointError
+from .image_encoder import CLIPImageEncoder
+from .transformer import RuyiTransformer3D, TransformerConfig
+from .vae import RuyiVAE, VAEConfig
+
+__all__ = ["CheckpointError", "CLIPImageEncoder", "RuyiTransformer3D", "RuyiVAE", "TransformerConfig", "VAEConfig"]

@@ -1,0 +1,114 @@
+"""CLIP image encoder: transformers' CLIPVisionModelWithProjection, reduced to what Ruyi uses.
+
+Ruyi feeds the start frame (resized to the video bucket) through CLIPImageProcessor and keeps
+`vision_model(pixel_values).last_hidden_state[:, 1:]`: the patch tokens after the last encoder layer,
+without the CLS token, post-layernorm or projection. Shape [B, (image_size/patch)^2, hidden].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, read_config
+
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+class CLIPImageEncoder(nn.Module):
+    """pixel_values [B,3,S,S] -> CLIP patch tokens [B, N, hidden] (no CLS)."""
+
+    def __init__(self, vision_model: nn.Module, processor_config: dict[str, Any]):
+        super().__init__()
+        self.vision_model = vision_model
+        self.processor_config = dict(processor_config)
+
+    @property
+    def num_tokens(self) -> int:
+        cfg = self.vision_model.config
+        return (cfg.image_size // cfg.patch_size) ** 2
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_model.config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.vision_model.config.image_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_model.vision_model(pixel_values=pixel_values).last_hidden_state
+        return hidden[:, 1:]  # (B, N, hidden): drop CLS
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> "CLIPImageEncoder":
+        """Load `image_encoder/` as the reference does (a full CLIPConfig or a vision-only config both work)."""
+        from transformers import CLIPVisionModelWithProjection
+
+        folder = Path(folder)
+        read_config(folder)  # clear errors for a missing folder or config.json
+        processor_path = folder / PREPROCESSOR_NAME
+        if not processor_path.is_file():
+            raise CheckpointError(f"{processor_path} is missing: the CLIP image preprocessing settings are needed.")
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(str(folder), torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"cannot load the CLIP image encoder from {folder} ({exc}). The weights are missing, truncated "
+                "or do not match config.json: download the checkpoint again."
+            ) from exc
+        processor = json.loads(processor_path.read_text())
+        return cls(model, processor).to(device).eval().requires_grad_(False)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json, model.safetensors and preprocessor_config.json into `folder`."""
+        folder = Path(folder)
+        self.vision_model.save_pretrained(str(folder), safe_serialization=True)
+        (folder / PREPROCESSOR_NAME).write_text(json.dumps(self.processor_config, indent=2) + "\n")
+        return folder
+
+
+def clip_processor_config(image_size: int) -> dict[str, Any]:
+    """CLIPImageProcessor settings of the real checkpoint, at another crop size (336 for the real model)."""
+    return {
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "CLIPImageProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": image_size},
+    }
+
+
+def build_random_image_encoder(
+    hidden_size: int, image_size: int, patch_size: int, num_layers: int, num_heads: int, seed: int
+) -> CLIPImageEncoder:
+    """A CLIP ViT of the given size with deterministic random weights (tiny preset, tests)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        projection_dim=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(config)
+    return CLIPImageEncoder(model, clip_processor_config(image_size)).eval().requires_grad_(False)
