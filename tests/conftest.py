@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden folder (RUYI_GOLDEN_DIR) and tensor comparison helpers."""
+"""Shared fixtures: the golden folder (RUYI_GOLDEN_DIR), a private artifact cache and the tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,10 +19,23 @@ def golden_dir() -> Path:
     return folder
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4, name: str = "") -> None:
-    """max |actual - expected| <= rel * max(1, max |expected|), in float64."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.double(), expected.double()
-    scale = max(1.0, e.abs().max().item())
-    err = (a - e).abs().max().item()
-    assert err <= rel * scale, f"{name}: max abs err {err:.3e} > {rel:.0e} x scale {scale:.3e}"
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Point RUYI_TRT_CACHE at a fresh folder so tests never touch (or depend on) the user's cache."""
+    folder = tmp_path_factory.mktemp("ruyi-cache")
+    previous = os.environ.get("RUYI_TRT_CACHE")
+    os.environ["RUYI_TRT_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("RUYI_TRT_CACHE", None)
+    else:
+        os.environ["RUYI_TRT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(private_cache: Path) -> Path:
+    """The tiny checkpoint folder (built once per session), as `--model tiny` resolves it."""
+    from ruyi_trt.models.presets import tiny_checkpoint_dir
+
+    return tiny_checkpoint_dir()

@@ -12,9 +12,9 @@ import re
 
 import pytest
 import torch
-from conftest import assert_close_scaled
 from ruyi_trt.models.checkpoint import CheckpointError
 from ruyi_trt.models.scheduler import SCHEDULERS, default_scheduler_config, load_scheduler, timesteps_for
+from ruyi_trt.testing import assert_close_scaled
 from safetensors.torch import load_file
 
 

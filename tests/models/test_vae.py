@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close_scaled
 from ruyi_trt.models.checkpoint import CheckpointError, save_component
 from ruyi_trt.models.vae import RuyiVAE, VAEConfig
+from ruyi_trt.testing import assert_close_scaled
 from safetensors.torch import load_file
 
 VARIANTS = ("cache", "slice", "slice_plain")
