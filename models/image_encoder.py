@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .checkpoint import CheckpointError, read_config
@@ -58,7 +59,7 @@ class CLIPImageEncoder(nn.Module):
             raise CheckpointError(f"{processor_path} is missing: the CLIP image preprocessing settings are needed.")
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(str(folder), torch_dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(
                 f"cannot load the CLIP image encoder from {folder} ({exc}). The weights are missing, truncated "
                 "or do not match config.json: download the checkpoint again."

@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden folder (RUYI_GOLDEN_DIR), a private artifact cache and the tiny checkpoint."""
+"""Shared fixtures: the golden folder (RUYI_GOLDEN_DIR), a private artifact cache, the tiny checkpoint, images."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from ruyi_trt.testing import gradient_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +41,17 @@ def tiny_dir(private_cache: Path) -> Path:
     from ruyi_trt.models.presets import tiny_checkpoint_dir
 
     return tiny_checkpoint_dir()
+
+
+@pytest.fixture()
+def start_png(tmp_path: Path) -> Path:
+    path = tmp_path / "start.png"
+    gradient_image(144, 96).save(path)
+    return path
+
+
+@pytest.fixture()
+def end_png(tmp_path: Path) -> Path:
+    path = tmp_path / "end.png"
+    gradient_image(120, 90, phase=2.0).save(path)
+    return path
