@@ -13,7 +13,6 @@ defaults for keys it does not have. We do the same with diffusers' own implement
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,13 +63,7 @@ def _read_scheduler_config(source: str | Path) -> dict[str, Any]:
     """The config dict from a checkpoint folder, a scheduler folder or a scheduler_config.json file."""
     path = Path(source)
     if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc}); re-download the checkpoint.") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}.")
-        return data
+        return read_config(path.parent, path.name)
     if (path / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME).is_file():
         return read_config(path / SCHEDULER_FOLDER, SCHEDULER_CONFIG_NAME)
     return read_config(path, SCHEDULER_CONFIG_NAME)

@@ -42,7 +42,18 @@ class RunStats:
     def summary(self) -> str:
         stages = ", ".join(f"{name} {value:.2f}s" for name, value in self.seconds.items())
         memory = f", peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB" if self.peak_memory_bytes else ""
-        return f"{self.frames} frames {self.height}x{self.width}: {stages}{memory}"
+        host = _peak_host_gib()
+        host_text = f", peak host RSS {host:.2f} GiB" if host is not None else ""
+        return f"{self.frames} frames {self.height}x{self.width}: {stages}{memory}{host_text}"
+
+
+def _peak_host_gib() -> float | None:
+    """Peak resident memory of this process (Linux/macOS; None where `resource` does not exist)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class _Timer:
