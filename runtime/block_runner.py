@@ -1,12 +1,15 @@
-"""The torch denoiser that runs the transformer block by block: memory modes and TeaCache live here.
+"""The torch denoiser that runs the transformer block by block: memory settings and TeaCache live here.
 
 - skip offload (the reference's GPU_offload_steps = k): the long-skip activations, the largest activation
   cost, go to the host in groups of k as they are produced and come back when a later block pops them.
-- block streaming (low_gpu): block weights stay on the host and each block visits the device only while it
-  runs (the reference's sequential offload, at block granularity).
+- block streaming: the first `resident_blocks` blocks stay on the device, the rest stream through
+  double-buffered device slots (`runtime.streaming.BlockStreamer`).
+- CFG split: a batch of 2 runs its blocks as two batch-1 passes (about half the activation memory).
+- offload between runs (normal mode): the transformer leaves the device after the last call of a run.
 - TeaCache: when the timestep-modulated input of block 0 has changed little since the last computed step,
   skip every block and reuse the cached residual (reference `TeaCacheParameters`).
-None of these change the numbers, except TeaCache, which trades accuracy for skipped steps.
+None of these change the numbers, except TeaCache (skipped steps) and the CFG split (batch-1 GEMMs may round
+differently from batch-2 ones).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from ..models.transformer import BlockInputs, RuyiTransformer3D
+from .streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +82,48 @@ class BlockRunner:
         model: RuyiTransformer3D,
         device: torch.device | str,
         dtype: torch.dtype,
-        stream_blocks: bool = False,
+        resident_blocks: int | None = None,
         skip_offload_group: int = 0,
+        cfg_split: bool = False,
+        offload_between_runs: bool = False,
         teacache: TeaCacheSettings | None = None,
     ):
+        if skip_offload_group < 0:
+            raise ValueError(f"skip_offload_group: {skip_offload_group} must be >= 0.")
         self.model, self.device, self.dtype = model, torch.device(device), dtype
-        self.stream_blocks, self.skip_offload_group, self.teacache = stream_blocks, skip_offload_group, teacache
+        self.skip_offload_group, self.cfg_split, self.teacache = skip_offload_group, cfg_split, teacache
+        self.offload_between_runs = offload_between_runs and self.device.type != "cpu"
         self.host = torch.device("cpu")
         self._state: _TeaCacheState | None = None
-        self._place_weights()
+        self._calls_left: int | None = None
+        self.streamer = BlockStreamer(model.blocks, self.device, resident_blocks)
+        self._place_rest(self.host if self.offload_between_runs else self.device)
+        if self.offload_between_runs:
+            self.streamer.to_host()
 
-    def _place_weights(self) -> None:
-        if self.stream_blocks:
-            for name, child in self.model.named_children():
-                child.to(self.host if name == "blocks" else self.device)
-        else:
-            self.model.to(self.device)
+    def _place_rest(self, where: torch.device) -> None:
+        """Everything but the blocks (embeddings, conditioning, norm_out, proj_out)."""
+        for name, child in self.model.named_children():
+            if name != "blocks":
+                child.to(where)
+        for name, param in self.model.named_parameters(recurse=False):
+            param.data = param.data.to(where)
+
+    def _to_device(self) -> None:
+        if not self.streamer.on_device:
+            self._place_rest(self.device)
+        self.streamer.to_device()
+
+    def _to_host(self) -> None:
+        self._place_rest(self.host)
+        self.streamer.to_host()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def start(self, num_calls: int) -> None:
         """Called before a run with the number of denoiser calls to come (resets TeaCache)."""
         self._state = _TeaCacheState(self.teacache, num_calls) if self.teacache else None
+        self._calls_left = num_calls
 
     @property
     def skipped_calls(self) -> int:
@@ -114,6 +140,7 @@ class BlockRunner:
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        self._to_device()
         inputs = {name: self._prepare(value) for name, value in inputs.items()}
         inputs.pop("return_dict", None)
         model = self.model
@@ -123,25 +150,40 @@ class BlockRunner:
         if self._state is not None:
             compute = self._state.decide(self._modulated_input(embedded))
         if compute:
-            x = model.norm_out(self._run_blocks(embedded), embedded.temb)
+            x = model.norm_out(self._run_batch(embedded), embedded.temb)
             if self._state is not None:
                 self._state.residual = x - x_in
         else:
             x = x_in + self._state.residual
-        return model.unpatchify(model.proj_out(x), embedded.num_frames, embedded.grid_height, embedded.grid_width)
+        out = model.unpatchify(model.proj_out(x), embedded.num_frames, embedded.grid_height, embedded.grid_width)
+        if self._calls_left is not None:
+            self._calls_left -= 1
+            if self._calls_left == 0 and self.offload_between_runs:
+                out = out.to(self.host)
+                self._to_host()
+        return out
 
     def _modulated_input(self, embedded: BlockInputs) -> torch.Tensor:
         """Block 0's norm1 output for this call (temporal PE included), the TeaCache change signal."""
-        block = self.model.blocks[0]
-        if self.stream_blocks:
-            block.to(self.device)
-        x = embedded.hidden
-        if embedded.num_frames != 1 and block.t_embed is not None:
-            x = block.t_embed(x, embedded.num_frames)
-        modulated = block.norm1(x, embedded.temb)
-        if self.stream_blocks:
-            block.to(self.host)
-        return modulated
+        with self.streamer.loaded(0) as block:
+            x = embedded.hidden
+            if embedded.num_frames != 1 and block.t_embed is not None:
+                x = block.t_embed(x, embedded.num_frames)
+            return block.norm1(x, embedded.temb)
+
+    def _run_batch(self, embedded: BlockInputs) -> torch.Tensor:
+        """All blocks on the whole batch, or (CFG split) once per sample, concatenated."""
+        batch = embedded.hidden.shape[0]
+        if not self.cfg_split or batch == 1:
+            return self._run_blocks(embedded)
+        outputs = []
+        for b in range(batch):
+            sample = embedded._replace(
+                hidden=embedded.hidden[b : b + 1], temb=embedded.temb[b : b + 1],
+                text_states=embedded.text_states[b : b + 1], clip_states=embedded.clip_states[b : b + 1],
+            )  # fmt: skip
+            outputs.append(self._run_blocks(sample))
+        return torch.cat(outputs)
 
     def _run_blocks(self, embedded: BlockInputs) -> torch.Tensor:
         sources = self.model.config.skip_sources
@@ -150,19 +192,15 @@ class BlockRunner:
         on_device: dict[int, torch.Tensor] = {}
         on_host: dict[int, torch.Tensor] = {}
         x = embedded.hidden
-        for i, block in enumerate(self.model.blocks):
+        for i, block in self.streamer:
             skip = None
             if i in sources:
                 j = sources[i]
                 skip = on_device.pop(j) if j in on_device else on_host.pop(j).to(self.device, non_blocking=True)
-            if self.stream_blocks:
-                block.to(self.device)
             x = block(
                 x, embedded.temb, embedded.text_states, embedded.clip_states,
                 embedded.rope_cos, embedded.rope_sin, embedded.num_frames, skip,
             )  # fmt: skip
-            if self.stream_blocks:
-                block.to(self.host)
             if i in kept:
                 on_device[i] = x
                 if group and len(on_device) >= group:
@@ -171,4 +209,4 @@ class BlockRunner:
         return x
 
     def close(self) -> None:
-        self.model.to(self.host)
+        self._to_host()

@@ -1,23 +1,30 @@
 """The main job end to end: image files -> validated request -> pipeline -> mp4 (and optional PNG frames).
 
 Everything cheap is checked before any model is loaded (images, options, output folder), and the
-video is written atomically, so a failed run leaves no file behind.
+video is written atomically, so a failed run leaves no file behind. `plan_video` makes the memory plan
+from configs alone, so it also works without the weights (`ruyi-trt run --plan-only`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..models.checkpoint import CheckpointError
-from .loading import RuntimeOptions, load_pipeline
-from .model_source import resolve_model
+from .buckets import closest_bucket, round_video_length
+from .loading import RuntimeOptions, load_pipeline, load_random_pipeline
+from .memory_plan import MemoryPlan, PlanRequest, device_budget_bytes, plan_memory
+from .model_source import FULL_RANDOM, model_configs, resolve_model
 from .pipeline import RunStats
 from .request import VideoRequest, load_image
 from .video import write_frames, write_video
+
+log = logging.getLogger(__name__)
 
 
 class GenerationError(RuntimeError):
@@ -34,6 +41,44 @@ def check_writable(path: Path, argument: str) -> None:
         raise GenerationError(f"{argument}: cannot write into {existing} (for {path}); choose another location.")
 
 
+def plan_video(
+    model: str | Path | None,
+    images: Sequence[str | Path],
+    request_args: dict[str, Any],
+    options: RuntimeOptions = RuntimeOptions(),
+    plan_only: bool = False,
+) -> MemoryPlan | None:
+    """The memory plan of this job, from config.json files only (no weights are read).
+
+    None when there is nothing to plan for: memory_mode auto with neither a CUDA GPU nor --vram-budget
+    (the run then stays in host memory); with `plan_only` that case raises instead."""
+    try:
+        options.validate()
+        request = VideoRequest(start_images=[load_image(p, "--image") for p in images], **request_args)
+        budget = device_budget_bytes(options.device, options.vram_budget_gb)
+        if budget is None and options.memory_mode == "auto":
+            if plan_only:
+                raise GenerationError(
+                    "no CUDA GPU is present to plan for: pass --vram-budget GB (e.g. 24) to plan for a card."
+                )
+            log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
+            return None
+        tcfg, vcfg, clip = model_configs(model)
+        if request.size is not None:
+            height, width = request.size
+        else:
+            height, width = closest_bucket(*request.start_images[0].size, request.resolution)
+        plan_request = PlanRequest(
+            height=height, width=width, frames=round_video_length(request.frames, vcfg.mini_batch_encoder),
+            cfg=request.guidance_scale > 1.0, dtype=options.dtype, fp8=options.fp8,
+            teacache=options.teacache_threshold is not None, steps=request.steps,
+            memory_mode=options.memory_mode, offload_steps=options.offload_steps, budget_bytes=budget,
+        )  # fmt: skip
+        return plan_memory(tcfg, vcfg, clip, plan_request)
+    except (ValueError, TypeError, CheckpointError) as exc:
+        raise GenerationError(str(exc)) from exc
+
+
 def generate_video(
     model: str | Path | None,
     images: Sequence[str | Path],
@@ -43,6 +88,7 @@ def generate_video(
     options: RuntimeOptions = RuntimeOptions(),
     frames_dir: str | Path | None = None,
     progress: bool = True,
+    plan: MemoryPlan | None = None,
 ) -> tuple[Path, RunStats]:
     """Run the whole image-to-video job and write the video; returns its path and the run statistics."""
     out = Path(out)
@@ -58,14 +104,17 @@ def generate_video(
             **request_args,
         )
         options.validate()
-        pipeline = load_pipeline(resolve_model(model), options)
+        if model is not None and str(model) == FULL_RANDOM:
+            pipeline = load_random_pipeline(options, plan)
+        else:
+            pipeline = load_pipeline(resolve_model(model), options, plan)
         video, stats = pipeline(request, progress=progress)
     except (ValueError, TypeError, CheckpointError) as exc:
         raise GenerationError(str(exc)) from exc
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise GenerationError(
-            f"out of memory ({exc}). Try --memory-mode low_gpu, --offload-steps 1, --fp8 lite, --dtype bf16, "
-            "or fewer --frames / a lower --resolution."
+            f"out of memory ({exc}). Try --memory-mode auto (with a smaller --vram-budget), --memory-mode low_gpu, "
+            "--offload-steps 1, --fp8 lite, --dtype bf16, or fewer --frames / a lower --resolution."
         ) from exc
     write_video(video, out, fps=24)
     if frames_dir is not None:

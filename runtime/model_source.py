@@ -1,11 +1,15 @@
-"""Where a checkpoint comes from: a folder, the `tiny` preset, or the released model (downloaded when missing)."""
+"""Where a checkpoint comes from: a folder, the `tiny` preset, the released model (downloaded when missing),
+or `full-random` (the released architecture with random weights: no folder, configs from the code)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from ..models.checkpoint import CheckpointError
+from ..models.checkpoint import CheckpointError, read_config
+from ..models.transformer import TransformerConfig
+from ..models.vae import VAEConfig
+from .memory_model import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -13,6 +17,7 @@ REPO_ID = "IamCreateAI/Ruyi-Mini-7B"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = PACKAGE_ROOT / "models" / "Ruyi-Mini-7B"
 REQUIRED = ("transformer", "vae", "image_encoder", "scheduler", "embeddings.safetensors")
+FULL_RANDOM = "full-random"
 
 
 def missing_parts(folder: Path) -> list[str]:
@@ -39,7 +44,10 @@ def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
 
 def resolve_model(spec: str | Path | None = None, download: bool = True) -> Path:
     """`tiny` -> the cached tiny preset (built on first use); a path -> that folder (checked);
-    None -> the default `models/Ruyi-Mini-7B`, downloaded when missing and `download` is set."""
+    None -> the default `models/Ruyi-Mini-7B`, downloaded when missing and `download` is set.
+    `full-random` has no folder: load it with `runtime.loading.load_random_pipeline`."""
+    if spec is not None and str(spec) == FULL_RANDOM:
+        raise CheckpointError(f"--model {FULL_RANDOM} has no checkpoint folder; it is built with random weights.")
     if spec is not None and str(spec) == "tiny":
         from ..models.presets import tiny_checkpoint_dir
 
@@ -59,3 +67,19 @@ def resolve_model(spec: str | Path | None = None, download: bool = True) -> Path
             f"Download it again (huggingface-cli download {REPO_ID} --local-dir {folder})."
         )
     return folder
+
+
+def model_configs(spec: str | Path | None = None) -> tuple[TransformerConfig, VAEConfig, ClipSpec]:
+    """The transformer, VAE and CLIP configs of a model spec, reading only config.json files (no weights).
+
+    `full-random`, and the default model while it is not downloaded, use the released architecture's configs."""
+    if spec is None and not all((DEFAULT_MODEL_DIR / part / "config.json").is_file() for part in REQUIRED[:3]):
+        spec = FULL_RANDOM
+    if spec is not None and str(spec) == FULL_RANDOM:
+        return TransformerConfig.full(), VAEConfig.full(), ClipSpec()
+    folder = resolve_model(spec, download=False) if str(spec) == "tiny" else Path(spec or DEFAULT_MODEL_DIR)
+    return (
+        TransformerConfig.from_dict(read_config(folder / "transformer"), source=str(folder / "transformer")),
+        VAEConfig.from_dict(read_config(folder / "vae"), source=str(folder / "vae")),
+        ClipSpec.from_config(read_config(folder / "image_encoder")),
+    )

@@ -1,0 +1,252 @@
+"""Device-memory estimates for one run, from configs alone (no weights are read): the planner's cost model.
+
+- Weights: the transformer's parameter inventory (docs/ruyi-architecture.md section 2.2-2.3) with the FP8
+  storage rules of `runtime.fp8`, the VAE's parameters (counted on the meta device) and the CLIP tower's.
+- Transformer activations per call, in units of one hidden state h = b*N*D elements (b samples per call):
+  the embed output and the running hidden state, the long-skip tensors, and the largest transient of a
+  block: self-attention at the RoPE step (the norm1 output, q before and after its qk-LayerNorm, k, v and
+  the rotated copy, plus three fp32 RoPE temporaries), the FFN (norm3 output, inner and GELU output,
+  b*N*Dff each), or the skip fuse (cat[x, skip], its fp32 copy and fp32 LayerNorm output). SDPA runs as
+  flash/memory-efficient attention, so no N x N matrix is counted.
+- VAE decode per temporal chunk: the largest decoder tensor (the last up block's input, at full
+  resolution over one chunk's frames) times a resnet's live set, plus fp32 copies of the decoded video.
+These are estimates of `torch.cuda.max_memory_allocated`; tools/streaming_check.py prints them beside
+measured peaks so the coefficients can be checked on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..models.transformer import TransformerConfig
+from ..models.vae import VAEConfig
+
+GiB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+FP8_BYTES = 1
+TEMPORAL_PE_LEN = 512  # rows of each block's t_embed.pe buffer
+SINUSOID_DIM = 256  # timestep/meta sinusoid width
+META_VALUES = 6  # image_meta_size entries
+VAE_RESNET_LIVE = 4  # live tensors of one decoder resnet, in units of its input (input, norm, act, padded)
+VIDEO_FP32_COPIES = 4  # decoded video in float32: decode output, clamp, seam-smoothing clone and average
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """The CLIP vision tower's sizes (image_encoder/config.json, `vision_config` of a full CLIPConfig)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    image_size: int = 336
+    patch_size: int = 14
+    projection_dim: int = 768
+
+    @classmethod
+    def from_config(cls, data: dict[str, Any]) -> ClipSpec:
+        vision = data.get("vision_config", data)
+        defaults = cls()
+        return cls(**{name: vision.get(name, getattr(defaults, name)) for name in defaults.__dataclass_fields__})
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def parameters(self) -> int:
+        """CLIPVisionModelWithProjection's parameter count."""
+        h, i = self.hidden_size, self.intermediate_size
+        embeddings = h + 3 * self.patch_size**2 * h + self.tokens * h
+        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+        return embeddings + 4 * h + self.num_hidden_layers * layer + h * self.projection_dim
+
+
+def _linear(out_dim: int, in_dim: int, bias: bool = True) -> tuple[str, int, int]:
+    return ("linear", out_dim * in_dim, out_dim * in_dim + (out_dim if bias else 0))
+
+
+def _norm(dim: int) -> tuple[str, int, int]:
+    return ("norm", 0, 2 * dim)  # FP32LayerNorm with affine weight and bias
+
+
+def _fixed(numel: int) -> tuple[str, int, int]:
+    return ("fixed", 0, numel)  # never stored in fp8 (top-level parameters, embeddings, conv, resampler)
+
+
+def _block_inventory(cfg: TransformerConfig, has_skip: bool) -> list[tuple[str, int, int]]:
+    d, c, ff, hd = cfg.inner_dim, cfg.cross_attention_dim, cfg.ff_inner_dim, cfg.attention_head_dim
+    attn_self = [_linear(d, d)] * 4 + [_norm(hd)] * 2
+    attn_cross = [_linear(d, d), _linear(d, c), _linear(d, c), _linear(d, d)] + [_norm(hd)] * 2
+    items = [_linear(d, d), _norm(d), *attn_self, _norm(d), *attn_cross, _norm(d), *attn_cross]
+    items += [_norm(d), _linear(2 * d, d), _norm(d), _norm(d), _linear(ff, d), _linear(d, ff)]
+    if has_skip:
+        items += [("norm", 0, 4 * d), _linear(d, 2 * d)]
+    return items
+
+
+def _other_inventory(cfg: TransformerConfig) -> list[tuple[str, int, int]]:
+    d, c, t5, p = cfg.inner_dim, cfg.cross_attention_dim, cfg.cross_attention_dim_t5, cfg.patch_size
+    pooled = cfg.pooled_projection_dim
+    resampler = [_fixed(2 * cfg.n_query * c + 3 * c * c + 3 * c + 4 * c), ("resampler_linear", c * c, c * c + c)]
+    if cfg.projection_dim != c:
+        resampler.append(("resampler_linear", c * cfg.projection_dim, c * cfg.projection_dim))
+    return [
+        _linear(4 * t5, t5), _linear(c, 4 * t5), _fixed(cfg.text_tokens * c),
+        _fixed(d * cfg.in_channels * p * p + d),
+        _linear(d, SINUSOID_DIM), _linear(d, d),
+        _fixed((cfg.text_len_t5 + 1) * t5), _linear(t5, t5), _linear(t5, t5), _linear(t5, t5), _linear(pooled, t5),
+        _fixed(d),
+        _linear(4 * d, SINUSOID_DIM * META_VALUES + d + pooled), _linear(d, 4 * d),
+        _fixed(cfg.n_query * c), *resampler,
+        _linear(2 * d, d), _linear(p * p * cfg.output_channels, d),
+    ]  # fmt: skip
+
+
+def _bytes(items: list[tuple[str, int, int]], dtype_bytes: int, fp8: str, hidden: int) -> int:
+    total = 0
+    for kind, matrix, numel in items:
+        if kind in ("linear", "resampler_linear") and fp8 in ("lite", "strong"):  # extreme skips the resampler
+            stored = matrix > hidden**2 - (1 if fp8 == "strong" else 0)
+        else:
+            stored = fp8 == "extreme" and kind in ("linear", "norm")
+        total += numel * (FP8_BYTES if stored else dtype_bytes)
+    return total
+
+
+@dataclass(frozen=True)
+class TransformerWeights:
+    """Bytes of the transformer's non-block parts, one plain block and one long-skip block, as stored."""
+
+    other: int
+    plain_block: int
+    skip_block: int
+    num_blocks: int
+    skip_blocks: frozenset[int]
+
+    def block(self, index: int) -> int:
+        return self.skip_block if index in self.skip_blocks else self.plain_block
+
+    @property
+    def total(self) -> int:
+        return self.other + sum(self.block(i) for i in range(self.num_blocks))
+
+
+def transformer_weights(cfg: TransformerConfig, dtype_bytes: int, fp8: str = "none") -> TransformerWeights:
+    """Stored weight bytes of the transformer in the run dtype with FP8 storage mode `fp8` (runtime.fp8 rules)."""
+    d = cfg.inner_dim
+    pe = TEMPORAL_PE_LEN * d * dtype_bytes if cfg.time_position_encoding else 0
+    return TransformerWeights(
+        other=_bytes(_other_inventory(cfg), dtype_bytes, fp8, d),
+        plain_block=_bytes(_block_inventory(cfg, False), dtype_bytes, fp8, d) + pe,
+        skip_block=_bytes(_block_inventory(cfg, True), dtype_bytes, fp8, d) + pe,
+        num_blocks=cfg.num_layers,
+        skip_blocks=frozenset(cfg.skip_blocks),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_parameters(cfg: VAEConfig) -> int:
+    from ..models.vae import RuyiVAE
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in RuyiVAE(cfg).parameters())
+
+
+def vae_weight_bytes(cfg: VAEConfig, dtype_bytes: int) -> int:
+    return _vae_parameters(cfg) * dtype_bytes
+
+
+def clip_weight_bytes(clip: ClipSpec, dtype_bytes: int) -> int:
+    return clip.parameters * dtype_bytes
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """One denoiser call: `batch` samples of `tokens` tokens each."""
+
+    batch: int
+    tokens: int
+
+
+def hidden_bytes(cfg: TransformerConfig, call: CallShape, dtype_bytes: int) -> int:
+    """One hidden state [b, N, D] in the run dtype."""
+    return call.batch * call.tokens * cfg.inner_dim * dtype_bytes
+
+
+def block_transient_bytes(cfg: TransformerConfig, call: CallShape, dtype_bytes: int) -> dict[str, int]:
+    """The largest temporaries inside one block, by sub-step (see the module docstring)."""
+    h = hidden_bytes(cfg, call, dtype_bytes)
+    h32 = call.batch * call.tokens * cfg.inner_dim * 4
+    ff = call.batch * call.tokens * cfg.ff_inner_dim * dtype_bytes
+    return {
+        "self-attention (q/k/v, fp32 LayerNorm/RoPE temporaries)": 6 * h + 3 * h32,
+        "FFN inner + GELU output": h + 2 * ff,
+        "long-skip fuse (cat + fp32 LayerNorm)": 2 * h + 4 * h32,
+    }
+
+
+def conditioning_bytes(cfg: TransformerConfig, batch: int, call: CallShape, latent_elems: int, dtype_bytes: int) -> int:
+    """Per-call inputs that stay live over the blocks: text/CLIP states, temb, fp32 RoPE tables, latents."""
+    text = batch * cfg.text_tokens * cfg.cross_attention_dim
+    clip = batch * cfg.n_query * cfg.cross_attention_dim
+    raw = batch * (cfg.text_len * cfg.cross_attention_dim + cfg.text_len_t5 * cfg.cross_attention_dim_t5)
+    latents = batch * latent_elems * (cfg.in_channels + cfg.output_channels)
+    rope = 2 * call.tokens * cfg.attention_head_dim * 4
+    return (text + clip + raw + latents + batch * cfg.inner_dim) * dtype_bytes + rope
+
+
+def vae_decode_bytes(cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int) -> int:
+    """Working set of the VAE decode of one temporal chunk (plus the decoded video) at height x width."""
+    chunk_frames = cfg.mini_batch_decoder * cfg.temporal_factor
+    channels = cfg.block_out_channels[1] if len(cfg.block_out_channels) > 1 else cfg.block_out_channels[0]
+    largest = channels * chunk_frames * height * width * dtype_bytes
+    video = 3 * frames * height * width
+    return VAE_RESNET_LIVE * largest + video * (2 * dtype_bytes + 4 * VIDEO_FP32_COPIES)
+
+
+def vae_encode_bytes(cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int) -> int:
+    """Working set of the VAE encode of one chunk (plus the conditioning video on the device)."""
+    largest = cfg.block_out_channels[0] * cfg.mini_batch_encoder * height * width * dtype_bytes
+    return VAE_RESNET_LIVE * largest + 2 * 3 * frames * height * width * dtype_bytes
+
+
+def clip_activation_bytes(clip: ClipSpec, dtype_bytes: int) -> int:
+    """A few [1, tokens, intermediate] temporaries: tiny next to everything else."""
+    return 8 * clip.tokens * clip.intermediate_size * dtype_bytes
+
+
+def step_flops(cfg: TransformerConfig, samples: int, tokens: int) -> float:
+    """FLOPs of one denoising step (docs section 7): linear layers plus N x N self-attention, per sample."""
+    d, dff, layers = cfg.inner_dim, cfg.ff_inner_dim, cfg.num_layers
+    linear = tokens * 2 * (layers * (10 * d * d + 2 * d * dff) + len(cfg.skip_blocks) * 2 * d * d)
+    attention = layers * 4 * tokens * tokens * d
+    cross = layers * 4 * tokens * (cfg.text_tokens + cfg.n_query) * d
+    return samples * float(linear + attention + cross)
+
+
+def gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
+__all__ = [
+    "DTYPE_BYTES",
+    "CallShape",
+    "ClipSpec",
+    "GiB",
+    "TransformerWeights",
+    "block_transient_bytes",
+    "clip_activation_bytes",
+    "clip_weight_bytes",
+    "conditioning_bytes",
+    "gib",
+    "hidden_bytes",
+    "step_flops",
+    "transformer_weights",
+    "vae_decode_bytes",
+    "vae_encode_bytes",
+    "vae_weight_bytes",
+]  # fmt: skip
