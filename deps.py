@@ -8,10 +8,13 @@ from types import ModuleType
 _PIP_HINTS = {
     "tensorrt": "pip install 'ruyi-trt[trt]'  (or: pip install tensorrt-cu12 / tensorrt-cu13 from NVIDIA's index)",
     "onnxruntime": "pip install onnxruntime-gpu  (it also runs on CPU)",
-    "onnx": "pip install 'ruyi-trt[dev]'",
+    "onnx": "pip install 'ruyi-trt[export]'",
+    "onnxscript": "pip install 'ruyi-trt[export]'",
+    "onnx_graphsurgeon": "pip install 'ruyi-trt[export]'  (the package is onnx-graphsurgeon)",
     "av": "pip install av",
     "triton": "pip install triton  (Linux + CUDA only)",
     "polygraphy": "pip install polygraphy",
+    "matplotlib": "pip install 'ruyi-trt[bench]'",
 }
 
 

@@ -19,8 +19,7 @@ from torch import nn
 
 from .checkpoint import config_to_dict, save_component
 from .control_embeddings import make_random_control_embeddings, save_control_embeddings
-from .image_encoder import build_random_image_encoder
-from .scheduler import default_scheduler_config
+from .image_encoder import CLIPImageEncoder, build_random_image_encoder
 from .transformer import RuyiTransformer3D, TransformerConfig, computed_state
 from .vae import RuyiVAE, VAEConfig
 
@@ -72,6 +71,8 @@ def tiny_vae(seed: int = TINY_SEED) -> RuyiVAE:
 
 def write_tiny_checkpoint(folder: str | Path, seed: int = TINY_SEED) -> Path:
     """Write a complete checkpoint folder of the real layout with tiny random models."""
+    from .scheduler import default_scheduler_config  # diffusers: not needed by the full-random builders
+
     folder = Path(folder)
     transformer = tiny_transformer(seed)
     tcfg = transformer.config
@@ -135,3 +136,22 @@ def full_random_transformer(
             state[name].copy_(value.to(dtype=state[name].dtype))
     return randomize_(model, seed, keep=set(fixed)).eval().requires_grad_(False)
 
+
+# CLIP ViT-L/14 at 336 px (architecture doc section 4): 24 x 24 = 576 tokens of width 1024.
+FULL_CLIP = {"image_size": 336, "patch_size": 14, "num_layers": 24, "num_heads": 16}
+
+
+def full_random_vae(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> RuyiVAE:
+    """The full-size VAE (VAEConfig.full()) with random weights, materialized directly on `device`."""
+    with torch.device("meta"):
+        model = RuyiVAE.from_config(config_to_dict(VAEConfig.full()))
+    model = model.to(dtype=dtype).to_empty(device=device)
+    return randomize_(model, seed).eval().requires_grad_(False)
+
+
+def full_random_image_encoder(
+    device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 2
+) -> CLIPImageEncoder:
+    """The full-size CLIP image encoder (ViT-L/14-336, vision tower only) with random weights on `device`."""
+    encoder = build_random_image_encoder(hidden_size=TransformerConfig.full().projection_dim, seed=seed, **FULL_CLIP)
+    return encoder.to(device=device, dtype=dtype)

@@ -1,0 +1,323 @@
+"""What `bench` times: a model (a checkpoint folder, or the full-size random model built on the device), opened
+once per backend, and one call of each stage with random inputs of the requested shape.
+
+Backends are looked up by name: a name in `runtime.loading.BACKENDS` loads through `load_pipeline`; a `torch-*`
+name is a fast path (tools/fast_paths.py) over the torch backend; anything else `ruyi-trt doctor` knows (ort,
+trt) is listed as unavailable with the reason, until runtime.loading wires it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.checkpoint import read_config
+from ..models.transformer import TransformerConfig, rotary_embedding
+from ..models.vae import VAEConfig
+from ..runtime.backends import Backend, Denoiser
+from .fast_paths import FAST_PATHS, wrap_denoiser
+from .flops import FlopCount, transformer_flops
+
+log = logging.getLogger(__name__)
+
+STAGES = ("image_encoder", "vae_encode", "denoise", "vae_decode", "run")
+FULL_RANDOM = "full-random"
+CFG_BATCH = 2
+# runtime.loading.DTYPES, repeated so that the full-random path imports without the pipeline's dependencies
+# (diffusers is missing on a bare GPU image).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A video size: pixels and frames (frames as the pipeline counts them: 1 or a multiple of 8)."""
+
+    height: int
+    width: int
+    frames: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}f"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """A requested backend: usable or not, with the description or the reason."""
+
+    name: str
+    kind: str  # "runtime" (runtime.loading) or "fast-path" (a torch variant)
+    available: bool
+    reason: str
+
+
+def backend_statuses(names: list[str], full_random: bool, device: torch.device) -> list[BackendStatus]:
+    """Resolve `--backends` names; unknown names raise ValueError, unusable ones carry the reason."""
+    from .doctor import collect_report
+
+    try:
+        from ..runtime.loading import BACKENDS
+    except ImportError as exc:  # e.g. no diffusers: the full-random transformer still runs on torch
+        log.warning("runtime.loading does not import (%s): only torch on %s", exc, FULL_RANDOM)
+        BACKENDS = ("torch",) if full_random else ()
+    doctor = collect_report().backends
+    known = sorted(set(BACKENDS) | {"torch"} | set(doctor) | set(FAST_PATHS))
+    statuses = []
+    for name in names:
+        if name in FAST_PATHS:
+            path = FAST_PATHS[name]
+            ok = device.type == "cuda" or not path.needs_cuda
+            statuses.append(
+                BackendStatus(name, "fast-path", ok, path.description if ok else f"{name} needs --device cuda")
+            )
+        elif name in BACKENDS:
+            usable, why = doctor.get(name, (True, ""))
+            if full_random and name != "torch":
+                usable, why = (
+                    False,
+                    f"{FULL_RANDOM} has no checkpoint folder to build {name} components from; use --model PATH",
+                )
+            statuses.append(BackendStatus(name, "runtime", usable, why))
+        elif name in doctor:
+            why = f"not wired into runtime.loading.BACKENDS {BACKENDS} yet (doctor: {doctor[name][1]})"
+            statuses.append(BackendStatus(name, "runtime", False, why))
+        else:
+            raise ValueError(f"backends: {name!r} is unknown; use any of {known}.")
+    return statuses
+
+
+@dataclass
+class Session:
+    """One backend's callables for the stages; None where the model has no such component."""
+
+    image_encoder: Backend | Callable | None
+    vae_encoder: Backend | Callable | None
+    vae_decoder: Backend | Callable | None
+    denoiser: Denoiser | None
+    clip_tokens: tuple[int, int]  # (tokens, width) of the image encoder output
+    clip_image_size: int
+    close: Callable[[], None]
+    pipeline: object | None = None  # a RuyiPipeline when the whole run can be timed
+
+
+class CheckpointModel:
+    """A checkpoint folder (or the tiny preset), loaded through runtime.loading once per backend."""
+
+    def __init__(self, folder: Path, device: torch.device, dtype: str):
+        self.folder, self.device, self.dtype = folder, device, dtype
+        self.transformer_config = TransformerConfig.from_dict(read_config(folder / "transformer"))
+        self.vae_config = VAEConfig.from_dict(read_config(folder / "vae"))
+        self.name = str(folder)
+
+    def unsupported(self, stage: str) -> str | None:
+        return None
+
+    def open(self, status: BackendStatus) -> Session:
+        from ..runtime import loading
+
+        path = FAST_PATHS.get(status.name)
+        options = loading.RuntimeOptions(
+            backend="torch" if path else status.name,
+            device=str(self.device),
+            dtype=self.dtype,
+            memory_mode=path.memory_mode if path else "full_gpu",
+        )
+        pipeline = loading.load_pipeline(self.folder, options)
+        comps = pipeline.components
+        if path:
+            comps.denoiser = wrap_denoiser(path, comps.denoiser, self.device, DTYPES[self.dtype])
+        return Session(
+            comps.image_encoder, comps.vae_encoder, comps.vae_decoder, comps.denoiser,
+            clip_tokens=pipeline.clip_tokens,
+            clip_image_size=int(pipeline.clip_processor_config["crop_size"]["height"]),
+            close=comps.close,
+            pipeline=pipeline,
+        )  # fmt: skip
+
+
+class ModuleDenoiser:
+    """`model(**inputs)[0]` as a Denoiser, leaving the model where it is on close (it is shared)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs)[0]
+
+    def start(self, num_calls: int) -> None:
+        """Stateless."""
+
+    def close(self) -> None:
+        """The model outlives the session."""
+
+
+class FullRandomModel:
+    """The real architecture at full size with random weights, built directly on the device and shared by every
+    backend. The VAE and the CLIP tower are built only when their stages are asked for; there is no control
+    embedding file or scheduler config, so the whole run cannot be timed."""
+
+    def __init__(self, device: torch.device, dtype: str, stages: tuple[str, ...]):
+        self.device, self.dtype, self.stages = device, dtype, stages
+        self.transformer_config, self.vae_config = TransformerConfig.full(), VAEConfig.full()
+        self.name = FULL_RANDOM
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    def unsupported(self, stage: str) -> str | None:
+        if stage == "run":
+            return (
+                f"{FULL_RANDOM} has no checkpoint (control embeddings, scheduler): time the whole run with --model PATH"
+            )
+        return None
+
+    def _module(self, name: str) -> torch.nn.Module:
+        from ..models import presets
+
+        if name not in self._modules:
+            build = {
+                "transformer": presets.full_random_transformer,
+                "vae": presets.full_random_vae,
+                "image_encoder": presets.full_random_image_encoder,
+            }[name]
+            log.info("building the full-size %s with random weights on %s", name, self.device)
+            self._modules[name] = build(device=self.device, dtype=DTYPES[self.dtype])
+        return self._modules[name]
+
+    def open(self, status: BackendStatus) -> Session:
+        from ..runtime.block_runner import BlockRunner
+
+        path = FAST_PATHS.get(status.name)
+        dtype = DTYPES[self.dtype]
+        denoiser = close = None
+        if "denoise" in self.stages:
+            transformer = self._module("transformer")
+            if path and path.memory_mode == "low_gpu":
+                denoiser = BlockRunner(transformer, self.device, dtype, resident_blocks=0)
+                close = lambda: transformer.to(self.device)  # put the streamed blocks back
+            else:
+                denoiser = ModuleDenoiser(transformer)
+            if path:
+                denoiser = wrap_denoiser(path, denoiser, self.device, dtype)
+        vae = self._module("vae") if {"vae_encode", "vae_decode"} & set(self.stages) else None
+        clip = self._module("image_encoder") if "image_encoder" in self.stages else None
+
+        def close_session() -> None:
+            if denoiser is not None and path:
+                denoiser.close()  # undoes the fast path's changes; the shared modules stay
+            if close is not None:
+                close()
+
+        config = self.transformer_config
+        return Session(
+            image_encoder=(lambda pixel_values: clip(pixel_values)) if clip is not None else None,
+            vae_encoder=(lambda video: vae.encode(video).mean) if vae is not None else None,
+            vae_decoder=(lambda latents: vae.decode(latents)) if vae is not None else None,
+            denoiser=denoiser,
+            clip_tokens=(576, config.projection_dim),
+            clip_image_size=336,
+            close=close_session,
+        )
+
+
+def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, ...]):
+    """`tiny`, `full-random` or a checkpoint folder -> a model that opens one Session per backend."""
+    if spec == FULL_RANDOM:
+        return FullRandomModel(device, dtype, stages)
+    from ..runtime.model_source import resolve_model
+
+    return CheckpointModel(resolve_model(spec, download=False), device, dtype)
+
+
+def denoiser_inputs(
+    config: TransformerConfig,
+    vae_config: VAEConfig,
+    shape: Shape,
+    clip_tokens: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int = CFG_BATCH,
+) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """Random transformer inputs of the CFG batch at `shape`, already on the device in the run dtype."""
+    gen = torch.Generator().manual_seed(0)
+    frames, height, width = latent_shape(vae_config, shape)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(size, generator=gen).to(device, dtype)
+
+    def ones(*size: int) -> torch.Tensor:
+        return torch.ones(size, device=device, dtype=dtype)
+
+    channels = vae_config.latent_channels
+    cos, sin = rotary_embedding(height, width, config.patch_size, config.attention_head_dim)
+    meta = torch.tensor([[1024.0, 1024.0, shape.height, shape.width, 0.0, 0.0]]).repeat(batch, 1)
+    return {
+        "hidden_states": randn(batch, channels, frames, height, width),
+        "timestep": torch.full((batch,), 500.0, device=device, dtype=dtype),
+        "encoder_hidden_states": randn(batch, config.text_len, config.cross_attention_dim),
+        "text_embedding_mask": ones(batch, config.text_len),
+        "encoder_hidden_states_t5": randn(batch, config.text_len_t5, config.cross_attention_dim_t5),
+        "text_embedding_mask_t5": ones(batch, config.text_len_t5),
+        "image_meta_size": meta.to(device, dtype),
+        "style": torch.zeros(batch, dtype=torch.long, device=device),
+        "image_rotary_emb": (cos.to(device), sin.to(device)),
+        "inpaint_latents": randn(batch, config.in_channels - channels, frames, height, width),
+        "clip_encoder_hidden_states": randn(batch, *clip_tokens),
+        "clip_attention_mask": ones(batch, config.n_query),
+    }
+
+
+def latent_shape(vae_config: VAEConfig, shape: Shape) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of a video shape."""
+    factor = vae_config.spatial_factor
+    return vae_config.latent_frames(shape.frames), shape.height // factor, shape.width // factor
+
+
+def stage_call(
+    model, session: Session, stage: str, shape: Shape, steps: int, calls: int
+) -> tuple[Callable[[], object], FlopCount | None]:
+    """One timed call of `stage` at `shape` (inputs prepared here, outside the timing) and its transformer FLOPs.
+
+    Raises LookupError with the reason when the session cannot run the stage.
+    """
+    device, dtype = model.device, DTYPES[model.dtype]
+    gen = torch.Generator().manual_seed(0)
+    frames, latent_h, latent_w = latent_shape(model.vae_config, shape)
+    step_flops = transformer_flops(model.transformer_config, frames, latent_h, latent_w, CFG_BATCH)
+    if stage == "image_encoder" and session.image_encoder is not None:
+        size = session.clip_image_size
+        pixels = torch.randn((1, 3, size, size), generator=gen).to(device, dtype)
+        return (lambda: session.image_encoder(pixel_values=pixels)), None
+    if stage == "vae_encode" and session.vae_encoder is not None:
+        video = (torch.rand((1, 3, shape.frames, shape.height, shape.width), generator=gen) * 2 - 1).to(device, dtype)
+        return (lambda: session.vae_encoder(video=video)), None
+    if stage == "vae_decode" and session.vae_decoder is not None:
+        latents = torch.randn((1, model.vae_config.latent_channels, frames, latent_h, latent_w), generator=gen)
+        latents = latents.to(device, dtype)
+        return (lambda: session.vae_decoder(latents=latents)), None
+    if stage == "denoise" and session.denoiser is not None:
+        inputs = denoiser_inputs(model.transformer_config, model.vae_config, shape, session.clip_tokens, device, dtype)
+        session.denoiser.start(calls)
+        return (lambda: session.denoiser(**inputs)), step_flops
+    if stage == "run" and session.pipeline is not None:
+        return _run_call(session.pipeline, shape, steps), _scaled(step_flops, steps)
+    raise LookupError(f"this session has no component for the {stage} stage")
+
+
+def _scaled(flops: FlopCount, steps: int) -> FlopCount:
+    return FlopCount(
+        flops.linear * steps, flops.self_attention * steps, flops.cross_attention * steps, flops.tokens, flops.batch
+    )
+
+
+def _run_call(pipeline, shape: Shape, steps: int) -> Callable[[], object]:
+    from ..runtime.request import VideoRequest
+    from ..testing import gradient_image
+
+    request = VideoRequest(
+        start_images=[gradient_image(shape.width, shape.height)],
+        frames=shape.frames, size=(shape.height, shape.width), steps=steps, seed=0,
+    )  # fmt: skip
+    return lambda: pipeline(request, progress=False)
