@@ -75,6 +75,15 @@ class CLIPImageEncoder(nn.Module):
         return folder
 
 
+def vision_geometry(folder: str | Path) -> tuple[int, int, int]:
+    """(image size, patch tokens, hidden size) of the `image_encoder/` folder's CLIP tower, from its config alone."""
+    from transformers import CLIPVisionConfig
+
+    read_config(folder)  # clear errors for a missing folder or config.json
+    config = CLIPVisionConfig.from_pretrained(str(folder))
+    return config.image_size, (config.image_size // config.patch_size) ** 2, config.hidden_size
+
+
 def clip_processor_config(image_size: int) -> dict[str, Any]:
     """CLIPImageProcessor settings of the real checkpoint, at another crop size (336 for the real model)."""
     return {

@@ -14,8 +14,9 @@ the reference does it:
   A single latent in total decodes to one frame; otherwise each latent gives 4 frames (3 latents -> 12).
 
 The per-chunk computations (`encode_chunk`, `decode_chunk`, `decode_chunk_cached`) take and return plain
-tensors, so one chunk can be exported as a graph; `encode` and `decode` are the Python loops over the chunk
-plans of `VAEConfig.encode_chunks` / `VAEConfig.decode_chunks`.
+tensors, so one chunk can be exported as a graph. The Python loops over the chunk plans of
+`VAEConfig.encode_chunks` / `VAEConfig.decode_chunks` are `encode_in_chunks` / `decode_in_chunks`, which take
+the per-chunk callables: `RuyiVAE.encode`/`decode` pass their own, other backends pass theirs.
 
 Unsupported (rejected by `VAEConfig` with a ValueError): tiling (`use_tiling*`), global-context blocks, other
 block or attention types, and configs with neither slice nor cache compression. `upcast_vae` has no effect:
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,40 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
 
+# decode_chunk(latents, before, after, one_frame) -> video; decode_chunk_cached(latents, cache) -> (video, cache)
+DecodeChunkFn = Callable[[Tensor, Tensor | None, Tensor | None, bool], Tensor]
+DecodeCachedFn = Callable[[Tensor, list[Tensor] | None], tuple[Tensor, list[Tensor]]]
+
+
+def encode_in_chunks(config: VAEConfig, video: Tensor, encode_chunk: Callable[[Tensor], Tensor]) -> Tensor:
+    """Moments of `video` [B, 3, F, H, W]: `encode_chunk` on every frame range of the plan, joined on time."""
+    chunks = config.encode_chunks(video.shape[2])
+    return torch.cat([encode_chunk(video[:, :, a:b]) for a, b in chunks], dim=2)
+
+
+def decode_in_chunks(
+    config: VAEConfig, latents: Tensor, decode_chunk: DecodeChunkFn, decode_chunk_cached: DecodeCachedFn | None = None
+) -> Tensor:
+    """Video from `latents` [B, C, T, h, w]: one call per chunk of the plan, joined on time.
+
+    Slice chunks call `decode_chunk(chunk, before, after, one_frame)` with the neighbour latents (None when there
+    are none); cache chunks call `decode_chunk_cached(chunk, cache)` and pass the returned cache on.
+    """
+    frames, cache = [], None
+    for c in config.decode_chunks(latents.shape[2]):
+        chunk = latents[:, :, c.start : c.stop]
+        if c.mode in ("cache_first", "cache_next"):
+            if decode_chunk_cached is None:
+                raise ValueError("this VAE uses cache_compression_vae, which this backend cannot decode; use torch.")
+            video, cache = decode_chunk_cached(chunk, cache if c.mode == "cache_next" else None)
+        else:
+            before = latents[:, :, c.start - c.before : c.start] if c.before else None
+            after = latents[:, :, c.stop : c.stop + c.after] if c.after else None
+            video = decode_chunk(chunk, before, after, c.mode == "one_frame")
+        frames.append(video)
+    return torch.cat(frames, dim=2)
+
+
 class RuyiVAE(nn.Module):
     """AutoencoderKLMagvit with the checkpoint's state-dict keys (`encoder.*`, `decoder.*`, `quant_conv`, ...)."""
 
@@ -285,9 +320,7 @@ class RuyiVAE(nn.Module):
     def encode(self, video: Tensor) -> DiagonalGaussian:
         """The posterior of `video` [B, 3, F, H, W] in [-1, 1]; latents are [B, latent, F', H/8, W/8]."""
         self._check(video, self.config.in_channels, "video")
-        chunks = self.config.encode_chunks(video.shape[2])
-        moments = torch.cat([self.encode_chunk(video[:, :, a:b]) for a, b in chunks], dim=2)
-        return DiagonalGaussian.from_moments(moments)
+        return DiagonalGaussian.from_moments(encode_in_chunks(self.config, video, self.encode_chunk))
 
     # 2. Decode -----------------------------------------------------------------------------------------------
     def decode_chunk(
@@ -317,14 +350,4 @@ class RuyiVAE(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         """Video [B, 3, F, H*8, W*8] from unscaled latents (divide by scaling_factor first); not clamped."""
         self._check(latents, self.config.latent_channels, "latents")
-        frames, cache = [], None
-        for c in self.config.decode_chunks(latents.shape[2]):
-            chunk = latents[:, :, c.start : c.stop]
-            if c.mode in ("cache_first", "cache_next"):
-                video, cache = self.decode_chunk_cached(chunk, cache if c.mode == "cache_next" else None)
-            else:
-                before = latents[:, :, c.start - c.before : c.start] if c.before else None
-                after = latents[:, :, c.stop : c.stop + c.after] if c.after else None
-                video = self.decode_chunk(chunk, before, after, one_frame=c.mode == "one_frame")
-            frames.append(video)
-        return torch.cat(frames, dim=2)
+        return decode_in_chunks(self.config, latents, self.decode_chunk, self.decode_chunk_cached)

@@ -1,0 +1,169 @@
+"""The ONNX Runtime backend: the pipeline's four components as ORT sessions over the exported graphs.
+
+Graphs come from the artifact cache (`cache_root()/onnx/<key>`, exported on first use by
+`export.ensure_exported`). The VAE runs chunk by chunk through the same loops as `RuyiVAE`
+(`encode_in_chunks` / `decode_in_chunks`), with one session call per chunk. Providers: CPU, or on a CUDA
+device the TensorRT EP (when libnvinfer is on the library path), the CUDA EP, then CPU; on CUDA, inputs and
+outputs are bound to device memory (IO binding) so tensors never pass through the host.
+
+Limits: fp32 and fp16 only (ORT's Python API has no bfloat16 arrays), slice-mode VAEs only, and at least
+two latent frames for the transformer (one-frame requests need --backend torch).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..deps import require
+from ..models.checkpoint import read_config
+from ..models.control_embeddings import load_control_embeddings
+from ..models.image_encoder import PREPROCESSOR_NAME, vision_geometry
+from ..models.transformer import TransformerConfig
+from ..models.vae import VAEConfig, decode_in_chunks, encode_in_chunks
+from .backends import Components
+
+log = logging.getLogger(__name__)
+
+ORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
+
+
+def default_providers(device: torch.device) -> list:
+    """ORT execution providers for `device`, best first, limited to those this onnxruntime build has."""
+    ort = require("onnxruntime", "the ONNX Runtime backend")
+    available = set(ort.get_available_providers())
+    wanted = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
+        tensorrt = ("TensorrtExecutionProvider", {"device_id": device.index or 0})
+        wanted = ([tensorrt] if ctypes.util.find_library("nvinfer") else []) + [cuda] + wanted
+    return [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
+
+
+class OrtGraph:
+    """One inference session: named tensors in (cast to the graph's input dtypes), a list of tensors out."""
+
+    def __init__(self, path: Path, device: torch.device, providers: list | None = None):
+        ort = require("onnxruntime", "the ONNX Runtime backend")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT warns about every provider it skips
+        self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers(device))
+        self.device = device
+        self.input_types = {i.name: _TORCH_TYPES[i.type] for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        log.debug("%s on %s", path.name, self.session.get_providers())
+
+    def run(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        missing = sorted(set(self.input_types) - set(inputs))
+        if missing:
+            raise ValueError(f"graph inputs {missing} were not given (got {sorted(inputs)})")
+        feeds = {name: inputs[name].to(self.device, dtype).contiguous() for name, dtype in self.input_types.items()}
+        if self.device.type != "cuda":  # numpy views: no copies in either direction
+            outputs = self.session.run(self.output_names, {k: v.numpy() for k, v in feeds.items()})
+            return [torch.from_numpy(out) for out in outputs]
+        return self._run_bound(feeds)
+
+    def _run_bound(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """CUDA: bind torch's device buffers as inputs and let ORT allocate outputs on the device."""
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        for name, tensor in feeds.items():
+            numpy_dtype = torch.empty(0, dtype=tensor.dtype).numpy().dtype
+            binding.bind_input(name, "cuda", index, numpy_dtype, tuple(tensor.shape), tensor.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", index)
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return [torch.from_dlpack(value) for value in binding.get_outputs()]
+
+
+class OrtBackend:
+    """A pipeline component: `fn(**inputs)` over ORT graphs (the `Backend` protocol; `start` is a no-op)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], graphs: list[OrtGraph]):
+        self.fn, self.graphs = fn, graphs
+
+    @torch.inference_mode()
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.fn(**inputs)
+
+    def start(self, num_calls: int) -> None:
+        """Stateless: nothing to reset between runs."""
+
+    def close(self) -> None:
+        self.graphs.clear()  # sessions are freed with their last reference
+
+
+def ort_components(checkpoint_dir: str | Path, device: torch.device | str = "cpu", dtype: str = "fp32",
+                   providers: list | None = None, progress: bool = True) -> Components:  # fmt: skip
+    """ORT backends for the checkpoint's graphs (exported into the artifact cache when missing)."""
+    from ..export import manifest
+    from ..export.onnx_export import ExportSettings, ensure_exported
+
+    if dtype not in ORT_DTYPES:
+        raise ValueError(
+            f"dtype: {dtype!r} is not supported by the ONNX Runtime backend; use one of {tuple(ORT_DTYPES)}."
+        )
+    folder, device = Path(checkpoint_dir), torch.device(device)
+    vae_config = VAEConfig.from_dict(read_config(folder / "vae"), source=str(folder / "vae" / "config.json"))
+    out = ensure_exported(folder, ExportSettings(dtype=dtype), progress=progress)
+    listing = manifest.read_manifest(out)
+
+    def graph(name: str) -> OrtGraph:
+        return OrtGraph(manifest.graph_path(out, listing, name), device, providers)
+
+    clip, encoder, transformer = graph("image_encoder"), graph("vae_encoder"), graph("transformer")
+    decoder, one_frame = graph("vae_decoder"), graph("vae_decoder_one_frame")
+
+    def encode_video(video: torch.Tensor) -> torch.Tensor:
+        return encode_in_chunks(vae_config, video, lambda chunk: encoder.run(video=chunk)[0])
+
+    def decode_chunk(latents, before, after, one: bool) -> torch.Tensor:
+        if one:
+            return one_frame.run(latents=latents)[0]
+        empty = latents[:, :, :0]  # no neighbour chunk: a context of 0 frames
+        return decoder.run(latents=latents, context_before=empty if before is None else before,
+                           context_after=empty if after is None else after)[0]  # fmt: skip
+
+    def denoise(image_rotary_emb: tuple[torch.Tensor, torch.Tensor], **inputs: torch.Tensor) -> torch.Tensor:
+        frames = inputs["hidden_states"].shape[2]
+        if frames < 2:
+            raise ValueError(f"the ONNX transformer needs >= 2 latent frames (got {frames}); use --backend torch "
+                             "for single-frame requests.")  # fmt: skip
+        cos, sin = image_rotary_emb
+        return transformer.run(rope_cos=cos, rope_sin=sin, **inputs)[0]
+
+    return Components(
+        image_encoder=OrtBackend(lambda pixel_values: clip.run(pixel_values=pixel_values)[0], [clip]),
+        vae_encoder=OrtBackend(encode_video, [encoder]),
+        vae_decoder=OrtBackend(
+            lambda latents: decode_in_chunks(vae_config, latents, decode_chunk), [decoder, one_frame]
+        ),
+        denoiser=OrtBackend(denoise, [transformer]),
+        device=device,
+        dtype=ORT_DTYPES[dtype],
+    )
+
+
+def load_ort_pipeline(folder: str | Path, device: str, dtype: str, progress: bool = True):
+    """A `RuyiPipeline` on ORT components; configs come from the checkpoint's JSON files (no PyTorch weights)."""
+    from .pipeline import RuyiPipeline
+
+    folder = Path(folder)
+    components = ort_components(folder, device, dtype, progress=progress)
+    _, tokens, hidden = vision_geometry(folder / "image_encoder")
+    return RuyiPipeline(
+        components=components,
+        transformer_config=TransformerConfig.from_dict(read_config(folder / "transformer")),
+        vae_config=VAEConfig.from_dict(read_config(folder / "vae")),
+        embeddings=load_control_embeddings(folder / "embeddings.safetensors"),
+        scheduler_config=read_config(folder / "scheduler", "scheduler_config.json"),
+        clip_processor_config=read_config(folder / "image_encoder", PREPROCESSOR_NAME),
+        clip_tokens=(tokens, hidden),
+    )
