@@ -24,7 +24,7 @@ def doctor() -> None:
 
 
 @main.command()
-@click.option("--model", "model", default=None, help="Checkpoint folder, 'tiny' (small random model), or omit for models/Ruyi-Mini-7B (downloaded when missing).")
+@click.option("--model", "model", default=None, help="Checkpoint folder, 'tiny' (small random model), 'full-random' (the real architecture, random weights), or omit for models/Ruyi-Mini-7B (downloaded when missing).")
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False), help="Start image (repeat for up to 5 leading frames).")
 @click.option("--end-image", "end_images", multiple=True, type=click.Path(dir_okay=False), help="End image (the last frame).")
 @click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(dir_okay=False), help="Output mp4 (H.264, 24 fps).")
@@ -38,11 +38,13 @@ def doctor() -> None:
 @click.option("--cfg", "guidance_scale", default=7.0, show_default=True, help="Classifier-free guidance scale (<= 1 turns CFG off).")
 @click.option("--seed", default=42, show_default=True)
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch"]))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--memory-mode", default="full_gpu", show_default=True, type=click.Choice(["full_gpu", "normal", "low_gpu"]))
-@click.option("--offload-steps", default=0, show_default=True, help="Long-skip activations moved to the host in groups of N (0 = keep on device).")
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda and with --plan-only, fp32 on cpu.")
+@click.option("--memory-mode", default="auto", show_default=True, type=click.Choice(["auto", "full_gpu", "normal", "low_gpu"]), help="auto: plan streaming/offload for the GPU's free memory (or --vram-budget).")
+@click.option("--offload-steps", default=None, type=int, help="Long-skip activations moved to the host in groups of N (0 = keep on device; default: the planner's choice in auto, else 0).")
+@click.option("--vram-budget", "vram_budget_gb", default=None, type=float, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
+@click.option("--plan-only", is_flag=True, help="Print the memory plan and exit (reads configs only, no weights).")
 @click.option("--fp8", default="none", show_default=True, type=click.Choice(["none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer.")
 @click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
 @click.option("--teacache", "teacache_threshold", default=None, type=float, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
@@ -50,26 +52,142 @@ def doctor() -> None:
 @click.option("--lora-strength", default=1.0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
-        seed, scheduler, backend, device, dtype, memory_mode, offload_steps, fp8, fp8_storage, teacache_threshold,
-        lora, lora_strength, no_progress) -> None:
+        seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
+        fp8_storage, teacache_threshold, lora, lora_strength, no_progress) -> None:
     """Generate a video from a start image (and optionally an end image)."""
-    from .runtime.generate import GenerationError, generate_video
+    from .runtime.generate import GenerationError, generate_video, plan_video
     from .runtime.loading import RuntimeOptions
 
+    dtype = dtype or ("bf16" if plan_only or device.startswith("cuda") else "fp32")
     options = RuntimeOptions(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps,
         fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache_threshold, lora=lora, lora_strength=lora_strength,
+        vram_budget_gb=vram_budget_gb,
     )
     request_args = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
         guidance_scale=guidance_scale, seed=seed, scheduler=scheduler,
     )
     try:
+        plan = plan_video(model, images, request_args, options, plan_only=plan_only)
+        if plan is not None:
+            click.echo(plan.describe())
+        if plan_only:
+            return
         path, stats = generate_video(model, images, end_images, out, request_args, options,
-                                     frames_dir=frames_dir, progress=not no_progress)
-    except GenerationError as exc:
+                                     frames_dir=frames_dir, progress=not no_progress, plan=plan)
+    except (GenerationError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {path}  ({stats.summary()})")
+
+
+@main.command()
+@click.option("--model", default="tiny", show_default=True, help="'tiny', 'full-random' (full-size random weights built on the device, no checkpoint) or a checkpoint folder.")
+@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu.")
+@click.option("--resolution", default="512", show_default=True, help="Comma list of square sizes, e.g. 512,768.")
+@click.option("--size", default=None, help="Comma list of HEIGHTxWIDTH (multiples of 16) instead of --resolution, e.g. 64x64 for the tiny model.")
+@click.option("--frames", default="24", show_default=True, help="Comma list of video lengths (1 or multiples of 8), e.g. 24,120.")
+@click.option("--stages", default="image_encoder,vae_encode,denoise,vae_decode,run", show_default=True, help="Comma list of stages to time.")
+@click.option("--steps", default=2, show_default=True, help="Denoising steps of the whole-run stage.")
+@click.option("--warmup", default=1, show_default=True, help="Untimed calls per stage before timing.")
+@click.option("--repeat", default=3, show_default=True, help="Timed calls per stage (median, min, max).")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--time-budget", "time_budget_s", default=None, type=float, help="Skip measurements that would start after this many seconds.")
+@click.option("--max-stage-seconds", default=None, type=float, help="Stop timing a stage once its timed calls add up to this (at least one call).")
+@click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
+def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
+          max_stage_seconds, out) -> None:
+    """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
+    from .tools.bench import BenchConfig, parse_shapes, run_bench
+
+    try:
+        config = BenchConfig(
+            model=model, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+            shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+            steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
+            max_stage_seconds=max_stage_seconds,
+        )
+        results = run_bench(config, out)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    ok = sum(m.status == "ok" for m in results.measurements)
+    click.echo(f"{ok}/{len(results.measurements)} measurements ok; wrote {out}/bench.json, bench.md, bench.png")
+
+
+@main.command()
+@click.option("--model", default=None, help="Checkpoint folder or 'tiny'. Omit it with --check to only check the graphs already in --out.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the .onnx graphs and manifest.json.")
+@click.option("--component", default="all", show_default=True, type=click.Choice(["all", "transformer", "vae-encoder", "vae-decoder", "image-encoder"]))
+@click.option("--per-block", is_flag=True, help="Transformer as embed, plain-block, skip-block and unembed graphs (block weights are inputs) instead of one graph.")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset (17..20).")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]), help="Weights and activations; norms and softmax stay float32.")
+@click.option("--exporter", default="torchscript", show_default=True, type=click.Choice(["torchscript", "dynamo"]))
+@click.option("--check", is_flag=True, help="Check every graph in --out for TensorRT readiness; exit 1 on problems.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def export(model, out_dir, component, per_block, opset, dtype, exporter, check, no_progress) -> None:
+    """Export the model to ONNX graphs (cached: unchanged components are skipped)."""
+    from .export.onnx_export import COMPONENTS, ExportSettings, export_checkpoint
+    from .export.readiness import check_export_dir
+    from .models.checkpoint import CheckpointError
+    from .runtime.model_source import resolve_model
+
+    if model is None and not check:
+        raise click.UsageError("pass --model PATH|tiny (or --check alone to check the graphs in --out)")
+    try:
+        if model is not None:
+            settings = ExportSettings(dtype=dtype, opset=opset, per_block=per_block, exporter=exporter)
+            components = COMPONENTS if component == "all" else (component,)
+            result = export_checkpoint(resolve_model(model, download=False), out_dir, settings, components,
+                                       progress=not no_progress)
+            for name, entry in result.manifest["components"].items():
+                state = "exported" if name in result.exported else "cached"
+                graphs = ", ".join(f"{g} {v['bytes'] / 1e6:.1f} MB" for g, v in entry["graphs"].items())
+                click.echo(f"{name}: {state} in {entry['seconds']:.1f} s: {graphs}")
+        problems = check_export_dir(out_dir) if check else {}
+    except (ValueError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name, found in problems.items():
+        click.echo(f"{name}: {'TensorRT-ready' if not found else f'{len(found)} problem(s)'}")
+        for problem in found:
+            click.echo(f"  {problem}")
+    if any(problems.values()):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--model", default="tiny", show_default=True, help="Checkpoint folder or 'tiny'.")
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp8"]), help="Taken from the exported graph's dtypes (strongly typed networks); fp8 needs calibrated Q/DQ graphs.")
+@click.option("--resolution", default="512", show_default=True, help="Comma list: 512 / 768 (every aspect bucket of that base) or HEIGHTxWIDTH.")
+@click.option("--frames", default="24:24:24", show_default=True, help="Video frames MIN:OPT:MAX (multiples of 8, up to 120).")
+@click.option("--batch", default=2, show_default=True, type=click.Choice(["1", "2"]), help="Largest transformer batch: 2 for classifier-free guidance.")
+@click.option("--per-block", is_flag=True, help="Transformer as embed / block / unembed engines with the block weights as inputs.")
+@click.option("--weight-streaming", is_flag=True, help="Build with WEIGHT_STREAMING (run within the memory plan's budget).")
+@click.option("--refit", is_flag=True, help="Build with REFIT (a LoRA is applied by refit, without a rebuild).")
+@click.option("--timing-cache", default=None, type=click.Path(dir_okay=False), help="Timing cache file to load and update.")
+@click.option("--workspace", "workspace_gb", default=None, type=float, help="Workspace pool limit in GiB (default: TensorRT's).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Engine folder root (default: the cache, <cache>/engines).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+def build(model, precision, resolution, frames, batch, per_block, weight_streaming, refit, timing_cache, workspace_gb,
+          out, no_progress) -> None:
+    """Export (or reuse) the ONNX graphs and build one cached TensorRT engine per graph."""
+    from pathlib import Path
+
+    from .engine.build import build_engines
+    from .engine.settings import BuildSettings
+    from .models.checkpoint import CheckpointError
+
+    try:
+        settings = BuildSettings.from_strings(
+            model, precision, resolution, frames, batch=int(batch), per_block=per_block, weight_streaming=weight_streaming,
+            refit=refit, timing_cache=Path(timing_cache) if timing_cache else None, workspace_gb=workspace_gb,
+            out=Path(out) if out else None,
+        )  # fmt: skip
+        result = build_engines(settings, progress=not no_progress)
+    except (ValueError, ImportError, RuntimeError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for graph, folder in result.engines.items():
+        click.echo(f"{graph}: {'built' if graph in result.built else 'cached'} {folder}")
 
 
 def _parse_size(size: str | None) -> tuple[int, int] | None:

@@ -43,6 +43,17 @@ def tiny_dir(private_cache: Path) -> Path:
     return tiny_checkpoint_dir()
 
 
+@pytest.fixture(scope="session")
+def exported_dir(tiny_dir: Path) -> Path:
+    """All four components of the tiny checkpoint exported once per session (fp32, torchscript), in the artifact
+    cache exactly where `--backend ort` looks for them; shared by tests/export and tests/engine."""
+    for module in ("onnx", "onnxruntime", "onnx_graphsurgeon"):
+        pytest.importorskip(module)
+    from ruyi_trt.export import ExportSettings, ensure_exported
+
+    return ensure_exported(tiny_dir, ExportSettings(), progress=False)
+
+
 @pytest.fixture()
 def start_png(tmp_path: Path) -> Path:
     path = tmp_path / "start.png"

@@ -1,0 +1,18 @@
+"""TensorRT engines: build them from the exported ONNX graphs, cache them by content, run them.
+
+    build_engines(BuildSettings.from_strings("tiny", "fp16", "512", "24:48:120"))  -> one engine per graph
+
+Modules: settings (BuildSettings, the build command), profiles (resolutions x frames -> min/opt/max
+shapes), attention (the fused-attention pattern check), builder (the TensorRT builder calls),
+build (export + build + cache orchestration), cache (keys, sidecars, refusals, plan checks),
+runtime (TRTEngine: load/activate/infer/unload, CUDA graphs, weight streaming), refit (LoRA refit),
+trt_api (the lazy import and the list of TensorRT members used), trt_api_names (the name lists of
+TensorRT 10/11 in trt_api/*.txt). TensorRT is imported only inside the functions that need it.
+"""
+
+from .build import BuildResult, build_engines
+from .cache import EngineFileError, EngineMismatchError
+from .profiles import FrameRange
+from .settings import BuildSettings
+
+__all__ = ["BuildResult", "BuildSettings", "EngineFileError", "EngineMismatchError", "FrameRange", "build_engines"]

@@ -1,0 +1,166 @@
+"""TensorRT optimization profiles from what the user asks for: resolutions x frame range x batch.
+
+`--resolution 512` means every aspect bucket of the 512 base (runtime/buckets.py: 256x1024 .. 1024x256),
+`--resolution 384x672` just that size; both can be listed (`512,768` or `512,384x672`). `--frames
+MIN:OPT:MAX` is a video-frame range (each 1 or a multiple of the VAE's mini_batch_encoder, <= 120).
+The request sizes (`VideoShape`s) go through each graph's `ExportSpec.profile`, which converts them to
+latent/token units and pins the chunk dims of the VAE graphs to their temporal mini-batch bounds
+(1..mini_batch_encoder video frames per encoder call, 1..mini_batch_decoder latents per decoder call).
+
+Which batch sizes each component sees: the transformer runs at batch 2 under classifier-free guidance
+and 1 without it (or with the memory plan's cfg_split), so its profile spans 1..`batch`; the VAE and
+the CLIP encoder always run at batch 1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..export import specs as export_specs
+from ..export.specs import EXPORT_DTYPES, ExportSpec, Shape, VideoShape
+from ..runtime.buckets import (
+    ASPECT_RATIO_512,
+    MAX_FRAMES,
+    SIZE_MULTIPLE,
+    SUPPORTED_RESOLUTIONS,
+    scaled_bucket_size,
+)
+
+Profile = dict[str, tuple[Shape, Shape, Shape]]
+
+
+@dataclass(frozen=True)
+class FrameRange:
+    """Video frames a build covers: min <= opt <= max."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+def parse_frames(text: str, mini_batch_encoder: int = 8) -> FrameRange:
+    """'MIN:OPT:MAX' (or one number N for N:N:N) -> FrameRange; ValueError naming what is allowed."""
+    parts = text.split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3):
+        raise ValueError(f"--frames: {text!r} is not MIN:OPT:MAX (e.g. 24:48:120) or a single frame count.")
+    low, opt, high = values * 3 if len(values) == 1 else values
+    if not low <= opt <= high:
+        raise ValueError(f"--frames: {text!r} must satisfy MIN <= OPT <= MAX.")
+    for value in (low, opt, high):
+        if value < mini_batch_encoder or value > MAX_FRAMES or value % mini_batch_encoder:
+            raise ValueError(
+                f"--frames: {value} is not a multiple of {mini_batch_encoder} from {mini_batch_encoder} to {MAX_FRAMES} "
+                "(TensorRT transformer engines need at least two latent frames; one-frame videos run on --backend torch)."
+            )
+    return FrameRange(low, opt, high)
+
+
+def parse_resolutions(text: str) -> tuple[str, ...]:
+    """'512,768' / '512,384x672' -> normalized entries; ValueError for anything else."""
+    entries = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not entries:
+        raise ValueError("--resolution: give at least one of 512, 768 or HEIGHTxWIDTH.")
+    for entry in entries:
+        resolution_sizes((entry,))  # validates
+    return entries
+
+
+def resolution_sizes(entries: Sequence[str]) -> list[tuple[int, int]]:
+    """(height, width) of every bucket/size the entries name, without duplicates, in order."""
+    sizes: list[tuple[int, int]] = []
+    for entry in entries:
+        if entry.isdigit():
+            base = int(entry)
+            if base not in SUPPORTED_RESOLUTIONS:
+                raise ValueError(f"--resolution: {entry} is not a base resolution; use {SUPPORTED_RESOLUTIONS} or HEIGHTxWIDTH.")
+            new = [_floor16(scaled_bucket_size(key, base)) for key in ASPECT_RATIO_512]
+        elif re.fullmatch(r"\d+x\d+", entry):
+            height, width = (int(v) for v in entry.split("x"))
+            if height < SIZE_MULTIPLE or width < SIZE_MULTIPLE or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+                raise ValueError(f"--resolution: {entry} must be HEIGHTxWIDTH in positive multiples of {SIZE_MULTIPLE}.")
+            new = [(height, width)]
+        else:
+            raise ValueError(f"--resolution: {entry!r} is unknown; use {SUPPORTED_RESOLUTIONS} (all aspect buckets) or HEIGHTxWIDTH.")
+        sizes += [s for s in new if s not in sizes]
+    return sizes
+
+
+def opt_size(entries: Sequence[str]) -> tuple[int, int]:
+    """The size TensorRT tunes for: the square bucket of the first base resolution, else the first HxW."""
+    first = entries[0]
+    if first.isdigit():
+        return int(first), int(first)
+    return resolution_sizes((first,))[0]
+
+
+def component_shapes(component: str, entries: Sequence[str], frames: FrameRange, batch: int) -> tuple[list[VideoShape], VideoShape]:
+    """(every request size the component's engines must take, the size to optimize for)."""
+    batches = sorted({1, batch}) if component == "transformer" else [1]
+    sizes = resolution_sizes(entries)
+    shapes = [VideoShape(b, f, h, w) for b in batches for f in sorted({frames.min, frames.opt, frames.max}) for h, w in sizes]
+    height, width = opt_size(entries)
+    return shapes, VideoShape(max(batches), frames.opt, height, width)
+
+
+def graph_profile(spec: ExportSpec, component: str, entries: Sequence[str], frames: FrameRange, batch: int) -> Profile:
+    """{input name: (min, opt, max)} for one exported graph."""
+    shapes, opt = component_shapes(component, entries, frames, batch)
+    return spec.profile(shapes, opt)
+
+
+def graph_specs(checkpoint_dir: Path, precision: str) -> dict[str, ExportSpec]:
+    """Every exportable graph's spec for a checkpoint, from its config files alone (no weights are read)."""
+    from ..models.checkpoint import read_config
+    from ..models.image_encoder import vision_geometry
+    from ..models.transformer import TransformerConfig
+    from ..models.vae import VAEConfig
+
+    folder = Path(checkpoint_dir)
+    dtype = EXPORT_DTYPES[precision]
+    transformer = TransformerConfig.from_dict(read_config(folder / "transformer"), source=str(folder / "transformer"))
+    vae = VAEConfig.from_dict(read_config(folder / "vae"), source=str(folder / "vae"))
+    image_size, clip_tokens, clip_hidden = vision_geometry(folder / "image_encoder")
+    found = [
+        export_specs.transformer_spec(transformer, vae, dtype, clip_tokens),
+        *export_specs.transformer_stage_specs(transformer, vae, dtype, clip_tokens),
+        export_specs.vae_encoder_spec(vae, dtype),
+        *export_specs.vae_decoder_specs(vae, dtype),
+        export_specs.image_encoder_spec(image_size, clip_tokens, clip_hidden, dtype),
+    ]
+    return {spec.name: spec for spec in found}
+
+
+def profile_to_json(profile: Profile) -> dict[str, list[list[int]]]:
+    return {name: [list(s) for s in ranges] for name, ranges in profile.items()}
+
+
+def profile_from_json(data: dict[str, list[list[int]]]) -> Profile:
+    return {name: tuple(tuple(s) for s in ranges) for name, ranges in data.items()}  # type: ignore[misc]
+
+
+def outside_profile(profile: Profile, shapes: dict[str, Shape]) -> list[str]:
+    """Why `shapes` cannot run on an engine with `profile` (one line per offending input; empty when it fits)."""
+    problems = []
+    for name, shape in shapes.items():
+        if name not in profile:
+            problems.append(f"{name}: not an input of the engine")
+            continue
+        low, _, high = profile[name]
+        if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
+            problems.append(f"{name}: shape {tuple(shape)} is outside the engine's profile {tuple(low)}..{tuple(high)}")
+    return problems
+
+
+def _floor16(size: tuple[float, float]) -> tuple[int, int]:
+    height, width = size
+    return int(height / SIZE_MULTIPLE) * SIZE_MULTIPLE, int(width / SIZE_MULTIPLE) * SIZE_MULTIPLE

@@ -1,0 +1,247 @@
+"""The TensorRT backend (`--backend trt`): the pipeline's four components over cached TensorRT engines.
+
+It mirrors the ONNX Runtime backend (runtime/ort_backend.py): the same graphs, the same VAE chunk loops
+(`encode_in_chunks` / `decode_in_chunks`), RoPE passed as rope_cos/rope_sin. Engines come from the
+engine cache (engine/cache.py), made by `ruyi-trt build`; nothing is built here. Each call picks the
+engine whose profile covers its shapes, for this GPU, TensorRT version, checkpoint and precision, and
+activates it on first use; a run no engine fits is refused with the reason and the exact build command.
+
+The transformer runs as the whole-model engine, or, when only --per-block engines were built, as
+embed -> 40 block calls (two engines, the block weights bound as inputs straight from device memory) ->
+unembed. A LoRA is merged in PyTorch and reaches the engine by refit (whole engine built with --refit)
+or as the per-block engines' weight inputs; no rebuild either way. The memory plan's TensorRT
+weight-streaming budget applies to engines built with --weight-streaming.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..engine import cache
+from ..engine.build import BLOCK_TRANSFORMER
+from ..engine.runtime import TRTEngine
+from ..engine.trt_api import require_tensorrt
+from ..models.checkpoint import read_config
+from ..models.transformer import TransformerConfig
+from ..models.vae import VAEConfig, decode_in_chunks, encode_in_chunks
+from .backends import Components
+
+log = logging.getLogger(__name__)
+
+TRT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+COMPONENT_OF = {"image_encoder": "image-encoder", "vae_encoder": "vae-encoder", "vae_decoder": "vae-decoder",
+                "vae_decoder_one_frame": "vae-decoder", **{g: "transformer" for g in ("transformer", *BLOCK_TRANSFORMER)}}  # fmt: skip
+
+
+class EngineSet:
+    """The cached engines one run may use; `run(graph, request, **inputs)` picks, activates and runs one."""
+
+    def __init__(self, model: str, checkpoint_dir: Path, precision: str, weight_streaming_budget: int | None = None,
+                 cuda_graphs: bool = False, root: Path | None = None):  # fmt: skip
+        from ..export.manifest import component_hash
+
+        trt = require_tensorrt("the TensorRT backend")
+        self.model, self.precision = model, precision
+        self.platform = cache.Platform.current(trt.__version__)
+        self.budget, self.cuda_graphs = weight_streaming_budget, cuda_graphs
+        self.records = cache.read_records(cache.engines_root(root))
+        self.hashes = {c: component_hash(checkpoint_dir, c) for c in sorted(set(COMPONENT_OF.values()))}
+        self.active: dict[Path, TRTEngine] = {}
+        self.request = (512, 512, 24, 2)  # the video size named in refusals, until a video-sized call sets it
+
+    def requirement(self, graph: str, request: tuple[int, int, int, int], inputs: dict[str, torch.Tensor]) -> cache.Requirement:
+        return cache.Requirement(graph, self.precision, self.hashes[COMPONENT_OF[graph]], self.platform, self.model,
+                                 request, {name: tuple(t.shape) for name, t in inputs.items()})  # fmt: skip
+
+    def candidates(self, graph: str) -> list[tuple[Path, cache.EngineRecord]]:
+        """Engines for `graph` usable here (this GPU, TensorRT, checkpoint, precision), whatever their profile."""
+        need = self.requirement(graph, (0, 0, 0, 0), {})
+        return [(folder, record) for folder, record in self.records if not cache.mismatches(record, need)]
+
+    def activated(self, folder: Path, record: cache.EngineRecord) -> TRTEngine:
+        """The engine in `folder`, activated on first use."""
+        if folder not in self.active:
+            loaded = TRTEngine(folder, record, self.cuda_graphs)
+            loaded.activate(self.budget)
+            self.active[folder] = loaded
+        return self.active[folder]
+
+    def run_all(self, graph: str, request: tuple[int, int, int, int] | None, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output of `graph` on `inputs`, by name; `request` (height, width, frames, batch) names the video
+        (None: the last one seen, for graphs whose shapes do not depend on it)."""
+        self.request = request or self.request
+        folder, record = cache.select_engine(self.records, self.requirement(graph, self.request, inputs))
+        return self.activated(folder, record).infer(inputs)
+
+    def run(self, graph: str, request: tuple[int, int, int, int] | None, **inputs: torch.Tensor) -> torch.Tensor:
+        """The (first) output of `graph`."""
+        return next(iter(self.run_all(graph, request, **inputs).values()))
+
+    def close(self) -> None:
+        for loaded in self.active.values():
+            loaded.unload()
+        self.active.clear()
+
+
+class TrtComponent:
+    """A pipeline component over an EngineSet (the `Backend` protocol; `start` is a no-op)."""
+
+    def __init__(self, fn, engines: EngineSet):
+        self.fn, self.engines = fn, engines
+
+    @torch.inference_mode()
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.fn(**inputs)
+
+    def start(self, num_calls: int) -> None:
+        """Stateless: nothing to reset between runs."""
+
+    def close(self) -> None:
+        self.engines.close()
+
+
+def trt_components(checkpoint_dir: Path, model: str, dtype: str, weight_streaming_budget: int | None = None,
+                   cuda_graphs: bool = False, lora: tuple[str, float] | None = None) -> Components:  # fmt: skip
+    """TensorRT components for the checkpoint's cached engines (see the module docstring)."""
+    require_tensorrt("--backend trt")
+    if dtype not in TRT_DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported by the TensorRT backend; use one of {tuple(TRT_DTYPES)} "
+                         "(the precision the engines were built in).")  # fmt: skip
+    if not torch.cuda.is_available():
+        raise ValueError("the TensorRT backend needs a CUDA GPU; none is visible (use --backend torch or ort).")
+    folder = Path(checkpoint_dir)
+    tcfg = TransformerConfig.from_dict(read_config(folder / "transformer"))
+    vcfg = VAEConfig.from_dict(read_config(folder / "vae"), source=str(folder / "vae" / "config.json"))
+    engines = EngineSet(model, folder, dtype, weight_streaming_budget, cuda_graphs)
+    scale = vcfg.mini_batch_encoder // vcfg.mini_batch_decoder  # video frames per latent frame
+
+    def video_request(video: torch.Tensor) -> tuple[int, int, int, int]:
+        return video.shape[3], video.shape[4], video.shape[2], video.shape[0]
+
+    def latent_request(latents: torch.Tensor) -> tuple[int, int, int, int]:
+        factor = vcfg.spatial_factor
+        return latents.shape[3] * factor, latents.shape[4] * factor, latents.shape[2] * scale, latents.shape[0]
+
+    def encode_video(video: torch.Tensor) -> torch.Tensor:
+        return encode_in_chunks(vcfg, video, lambda chunk: engines.run("vae_encoder", video_request(video), video=chunk))
+
+    def decode_chunk(request, latents, before, after, one: bool) -> torch.Tensor:
+        if one:
+            return engines.run("vae_decoder_one_frame", request, latents=latents)
+        empty = latents[:, :, :0]  # no neighbour chunk: a context of 0 frames
+        return engines.run("vae_decoder", request, latents=latents, context_before=empty if before is None else before,
+                           context_after=empty if after is None else after)  # fmt: skip
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        request = latent_request(latents)
+        return decode_in_chunks(vcfg, latents, lambda *args: decode_chunk(request, *args))
+
+    denoise = _denoiser(engines, folder, tcfg, TRT_DTYPES[dtype], latent_request, lora)
+    return Components(
+        image_encoder=TrtComponent(lambda pixel_values: engines.run("image_encoder", None, pixel_values=pixel_values), engines),
+        vae_encoder=TrtComponent(encode_video, engines),
+        vae_decoder=TrtComponent(decode, engines),
+        denoiser=TrtComponent(denoise, engines),
+        device=torch.device("cuda"),
+        dtype=TRT_DTYPES[dtype],
+    )
+
+
+def _denoiser(engines: EngineSet, folder: Path, tcfg: TransformerConfig, dtype: torch.dtype, latent_request, lora):
+    """The transformer call: the whole engine (refitted with a merged LoRA), or the per-block engines."""
+    per_block = not engines.candidates("transformer") and bool(engines.candidates(BLOCK_TRANSFORMER[0]))
+    weights = _merged_weights(folder, dtype, lora) if (per_block or lora) else None
+    if lora and not per_block:
+        _refit_whole(engines, weights)
+    blocks = _block_weights(weights[0], tcfg.num_layers) if per_block else None
+
+    def denoise(image_rotary_emb: tuple[torch.Tensor, torch.Tensor], **inputs: torch.Tensor) -> torch.Tensor:
+        latents = inputs["hidden_states"]
+        if latents.shape[2] < 2:
+            raise ValueError(f"TensorRT transformer engines need >= 2 latent frames (got {latents.shape[2]}); use "
+                             "--backend torch for single-frame requests.")  # fmt: skip
+        request = latent_request(latents)
+        cos, sin = image_rotary_emb
+        if blocks is None:
+            return engines.run("transformer", request, rope_cos=cos, rope_sin=sin, **inputs)
+        return _run_blocks(engines, tcfg, blocks, request, cos, sin, inputs)
+
+    return denoise
+
+
+def _merged_weights(folder: Path, dtype: torch.dtype, lora: tuple[str, float] | None) -> tuple[dict, list[str]]:
+    """(transformer state dict in `dtype` on the GPU, with the LoRA merged; the merged weight names)."""
+    from ..models.transformer import RuyiTransformer3D
+    from .lora import load_lora, merge_lora
+
+    model = RuyiTransformer3D.from_pretrained(folder / "transformer", dtype=dtype)
+    changed = []
+    if lora is not None:
+        path, strength = lora
+        changed = [f"{name}.weight" for name in merge_lora(model, load_lora(path), strength)]
+        log.info("LoRA %s merged into %d layers (strength %s)", path, len(changed), strength)
+    return {k: v.to("cuda") for k, v in model.state_dict().items()}, changed
+
+
+def _refit_whole(engines: EngineSet, weights: tuple[dict, list[str]]) -> None:
+    from ..engine.refit import read_refit_map, refit_tensors
+
+    state, changed = weights
+    for folder, record in engines.candidates("transformer"):
+        if not record.flags.get("refit"):
+            raise ValueError(f"--lora with --backend trt needs transformer engines built with --refit ({folder} is not); "
+                             f"rebuild: {record.settings.command()} --refit")  # fmt: skip
+        count = engines.activated(folder, record).refit(refit_tensors(read_refit_map(folder), state, changed))
+        log.info("refitted %d weights of %s", count, folder)
+
+
+def _block_weights(state: dict[str, torch.Tensor], num_layers: int) -> list[dict[str, torch.Tensor]]:
+    """Per block i, its tensors keyed as the block graphs name their weight inputs (`blocks.i.` removed)."""
+    blocks: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            index, _, name = key.removeprefix("blocks.").partition(".")
+            blocks[int(index)][name] = value
+    return blocks
+
+
+def _run_blocks(engines: EngineSet, tcfg: TransformerConfig, blocks, request, cos, sin, inputs) -> torch.Tensor:
+    """embed -> every block (long skips as in RuyiTransformer3D.run_blocks) -> unembed, one engine call each."""
+    embedded = engines.run_all("transformer_embed", request, **inputs)
+    tokens, temb, text_states, clip_states = (embedded[k] for k in ("tokens", "temb", "text_states", "clip_states"))
+    sources = tcfg.skip_sources
+    kept, skips = set(sources.values()), {}
+    shared = {"temb": temb, "text_states": text_states, "clip_states": clip_states, "rope_cos": cos, "rope_sin": sin}
+    for i, weights in enumerate(blocks):
+        if i in sources:
+            tokens = engines.run("transformer_block_skip", request, tokens=tokens, skip=skips.pop(sources[i]), **shared, **weights)
+        else:
+            tokens = engines.run("transformer_block_plain", request, tokens=tokens, **shared, **weights)
+        if i in kept:
+            skips[i] = tokens
+    return engines.run("transformer_unembed", request, tokens=tokens, temb=temb)
+
+
+
+def load_trt_pipeline(folder: str | Path, dtype: str, weight_streaming_budget: int | None = None,
+                      lora: tuple[str, float] | None = None, cuda_graphs: bool = False):  # fmt: skip
+    """A `RuyiPipeline` on TensorRT components; configs from the checkpoint's JSON files."""
+    from ..models.control_embeddings import load_control_embeddings
+    from ..models.image_encoder import PREPROCESSOR_NAME, vision_geometry
+    from .pipeline import RuyiPipeline
+
+    folder = Path(folder)
+    components = trt_components(folder, str(folder), dtype, weight_streaming_budget, cuda_graphs, lora)
+    _, tokens, hidden = vision_geometry(folder / "image_encoder")
+    return RuyiPipeline(
+        components=components,
+        transformer_config=TransformerConfig.from_dict(read_config(folder / "transformer")),
+        vae_config=VAEConfig.from_dict(read_config(folder / "vae")),
+        embeddings=load_control_embeddings(folder / "embeddings.safetensors"),
+        scheduler_config=read_config(folder / "scheduler", "scheduler_config.json"),
+        clip_processor_config=read_config(folder / "image_encoder", PREPROCESSOR_NAME),
+        clip_tokens=(tokens, hidden),
+    )

@@ -1,0 +1,148 @@
+"""Real TensorRT builds of the tiny model, compared with PyTorch. Skipped (with the reason) without TensorRT or a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from ruyi_trt.engine import cache
+from ruyi_trt.engine.build import build_engines
+from ruyi_trt.engine.profiles import FrameRange
+from ruyi_trt.engine.runtime import TRTEngine
+from ruyi_trt.engine.settings import BuildSettings
+from ruyi_trt.engine.trt_api import require_tensorrt
+from ruyi_trt.export.specs import VideoShape
+
+pytestmark = [pytest.mark.trt, pytest.mark.gpu]
+GRAPH_COMPONENT = {"transformer": "transformer", "vae_encoder": "vae-encoder", "vae_decoder": "vae-decoder",
+                   "vae_decoder_one_frame": "vae-decoder", "image_encoder": "image-encoder"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dir: Path, private_cache: Path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    try:
+        require_tensorrt("the TensorRT tests")
+    except ImportError as exc:
+        pytest.skip(f"TensorRT is not usable here: {exc}")
+    settings = BuildSettings(model="tiny", precision="fp16", resolutions=("64x64", "64x96"), frames=FrameRange(8, 8, 16),
+                             refit=True, weight_streaming=True, timing_cache=private_cache / "timing.cache")  # fmt: skip
+    return settings, build_engines(settings, progress=False)
+
+
+def _engine(result, graph: str) -> TRTEngine:
+    folder = result.engines[graph]
+    return TRTEngine(folder, cache.read_record(folder))
+
+
+def _reference(tiny_dir: Path, graph: str):
+    from ruyi_trt.export.onnx_export import ExportSettings, component_graphs
+
+    pairs = {spec.name: (spec, module) for spec, module in component_graphs(tiny_dir, GRAPH_COMPONENT[graph], ExportSettings(dtype="fp16"))}
+    spec, module = pairs[graph]
+    return spec, module.cuda().eval()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    scale = expected.float().abs().max().clamp_min(1.0)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error < 2e-2, f"{name}: max error {error:.3g} of scale {scale:.3g}"
+
+
+def test_build_writes_engines_sidecars_logs_and_reuses(built):
+    settings, result = built
+    assert set(result.engines) == set(GRAPH_COMPONENT)
+    for folder in result.engines.values():
+        record = cache.read_record(folder)
+        assert cache.read_plan(folder, record)
+        log = (folder / cache.LOG_NAME).read_text()
+        assert "attention:" in log and settings.command() in log
+    assert (settings.timing_cache).is_file()
+    again = build_engines(settings, progress=False)
+    assert again.built == [] and sorted(again.reused) == sorted(result.engines)
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPH_COMPONENT))
+def test_engine_matches_torch(built, tiny_dir: Path, graph: str):
+    spec, module = _reference(tiny_dir, graph)
+    engine = _engine(built[1], graph)
+    for shape in (VideoShape(1, 8, 64, 64), VideoShape(2, 16, 64, 96)):
+        if graph != "transformer" and shape.batch != 1:
+            shape = dataclasses.replace(shape, batch=1)
+        inputs = {k: v.cuda() for k, v in spec.sample_inputs(spec.dims_for(shape)).items()}
+        with torch.inference_mode():
+            expected = module(*inputs.values())
+        _close(next(iter(engine.infer(inputs).values())), expected, f"{graph} {shape}")
+    engine.unload()
+
+
+def test_cuda_graph_and_weight_streaming(built, tiny_dir: Path):
+    spec, _ = _reference(tiny_dir, "transformer")
+    folder = built[1].engines["transformer"]
+    plain, graphed = TRTEngine(folder, cache.read_record(folder)), TRTEngine(folder, cache.read_record(folder), cuda_graphs=True)
+    graphed.activate(weight_streaming_budget=0)  # stream every weight
+    for seed in (1, 2):
+        inputs = {k: v.cuda() for k, v in spec.sample_inputs(spec.dims_for(VideoShape(2, 8, 64, 64)), seed).items()}
+        _close(next(iter(graphed.infer(inputs).values())), next(iter(plain.infer(inputs).values())), "cuda graph")
+    assert len(graphed.graphs) == 1
+
+
+def test_refit_matches_torch_with_changed_weights(built, tiny_dir: Path):
+    from ruyi_trt.engine.refit import read_refit_map, refit_tensors
+
+    spec, module = _reference(tiny_dir, "transformer")
+    folder = built[1].engines["transformer"]
+    engine = TRTEngine(folder, cache.read_record(folder))
+    key = "blocks.0.attn1.to_q.weight"
+    with torch.no_grad():
+        module.model.get_parameter(key).add_(0.05)
+    state = {k: v.detach() for k, v in module.model.state_dict().items()}
+    assert engine.refit(refit_tensors(read_refit_map(folder), state, [key])) >= 1
+    inputs = {k: v.cuda() for k, v in spec.sample_inputs(spec.dims_for(VideoShape(2, 8, 64, 64))).items()}
+    with torch.inference_mode():
+        expected = module(*inputs.values())
+    _close(next(iter(engine.infer(inputs).values())), expected, "refitted transformer")
+
+
+def test_corrupt_plan_that_passes_the_checksum_is_refused(built, tmp_path: Path):
+    folder = built[1].engines["image_encoder"]
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    plan = bytearray((copy / cache.PLAN_NAME).read_bytes())
+    plan[len(plan) // 2 :] = bytes(len(plan) - len(plan) // 2)
+    (copy / cache.PLAN_NAME).write_bytes(bytes(plan))
+    record = cache.read_record(copy)
+    import hashlib
+
+    record = dataclasses.replace(record, engine_sha256=hashlib.sha256(bytes(plan)).hexdigest())
+    with pytest.raises(cache.EngineFileError, match="rebuild"):
+        TRTEngine(copy, record).activate()
+
+
+def test_pipeline_on_trt_matches_torch(built, start_png: Path, tmp_path: Path):
+    from ruyi_trt.runtime.generate import generate_video
+    from ruyi_trt.runtime.loading import RuntimeOptions
+
+    args = {"frames": 16, "resolution": 512, "size": (64, 96), "camera": "static", "motion": "2", "steps": 3,
+            "guidance_scale": 7.0, "seed": 1, "scheduler": "DDIM"}
+    videos = {}
+    for backend in ("torch", "trt"):
+        options = RuntimeOptions(backend=backend, device="cuda", dtype="fp16", memory_mode="full_gpu")
+        path, _ = generate_video("tiny", [start_png], [], tmp_path / f"{backend}.mp4", args, options, progress=False)
+        videos[backend] = path
+    assert all(p.stat().st_size > 0 for p in videos.values())
+
+
+def test_run_outside_the_profile_is_refused(built, start_png: Path, tmp_path: Path):
+    from ruyi_trt.runtime.generate import GenerationError, generate_video
+    from ruyi_trt.runtime.loading import RuntimeOptions
+
+    args = {"frames": 24, "resolution": 512, "size": (64, 96), "camera": "static", "motion": "2", "steps": 1,
+            "guidance_scale": 7.0, "seed": 1, "scheduler": "DDIM"}
+    options = RuntimeOptions(backend="trt", device="cuda", dtype="fp16", memory_mode="full_gpu")
+    with pytest.raises((GenerationError, cache.EngineMismatchError), match="ruyi-trt build .*--frames 8:8:24"):
+        generate_video("tiny", [start_png], [], tmp_path / "v.mp4", args, options, progress=False)
