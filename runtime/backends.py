@@ -11,7 +11,7 @@ Torch, ONNX Runtime and TensorRT each provide these four; the pipeline never che
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -50,6 +50,39 @@ class Components:
             backend.close()
 
 
+def move_inputs(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Inputs on `device`, floating tensors cast to `dtype`; tuples (the RoPE (cos, sin) tables) stay float32,
+    as in the reference."""
+
+    def move(value):
+        if isinstance(value, tuple):
+            return tuple(v.to(device) for v in value)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            return value.to(dtype) if value.is_floating_point() else value
+        return value
+
+    return {name: move(value) for name, value in inputs.items()}
+
+
+class CallableBackend:
+    """A component backend made of a function over prepared graphs or engines (ONNX Runtime, TensorRT):
+    `fn(**inputs)`; `release()` frees what it holds on close."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], release: Callable[[], None]):
+        self.fn, self.release = fn, release
+
+    @torch.inference_mode()
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.fn(**inputs)
+
+    def start(self, num_calls: int) -> None:
+        """Stateless: nothing to reset between runs."""
+
+    def close(self) -> None:
+        self.release()
+
+
 class ModuleOffload:
     """Keeps a module on `home` between calls and moves it to `device` for each call (normal mode).
 
@@ -79,17 +112,9 @@ class TorchBackend:
         self.offload = ModuleOffload(module, device, home or device)
         self.fn, self.device, self.dtype = fn, device, dtype
 
-    def _prepare(self, value):
-        if isinstance(value, tuple):  # the RoPE (cos, sin) tables stay float32, as in the reference
-            return tuple(v.to(self.device) for v in value)
-        if isinstance(value, torch.Tensor):
-            value = value.to(self.device)
-            return value.to(self.dtype) if value.is_floating_point() else value
-        return value
-
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        prepared = {name: self._prepare(value) for name, value in inputs.items()}
+        prepared = move_inputs(inputs, self.device, self.dtype)
         with self.offload as module:
             return self.fn(module, **prepared)
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..models.transformer import BlockInputs, RuyiTransformer3D
+from .backends import move_inputs
 from .streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
@@ -130,18 +131,10 @@ class BlockRunner:
         """How many calls TeaCache answered from its cache in the current run."""
         return self._state.skipped if self._state else 0
 
-    def _prepare(self, value):
-        if isinstance(value, tuple):
-            return tuple(v.to(self.device) for v in value)
-        if isinstance(value, torch.Tensor):
-            value = value.to(self.device)
-            return value.to(self.dtype) if value.is_floating_point() else value
-        return value
-
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         self._to_device()
-        inputs = {name: self._prepare(value) for name, value in inputs.items()}
+        inputs = move_inputs(inputs, self.device, self.dtype)
         inputs.pop("return_dict", None)
         model = self.model
         embedded = model.embed(**inputs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes.util
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from ..models.control_embeddings import load_control_embeddings
 from ..models.image_encoder import PREPROCESSOR_NAME, vision_geometry
 from ..models.transformer import TransformerConfig
 from ..models.vae import VAEConfig, decode_in_chunks, encode_in_chunks
-from .backends import Components
+from .backends import CallableBackend, Components
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +82,6 @@ class OrtGraph:
         return [torch.from_dlpack(value) for value in binding.get_outputs()]
 
 
-class OrtBackend:
-    """A pipeline component: `fn(**inputs)` over ORT graphs (the `Backend` protocol; `start` is a no-op)."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], graphs: list[OrtGraph]):
-        self.fn, self.graphs = fn, graphs
-
-    @torch.inference_mode()
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.fn(**inputs)
-
-    def start(self, num_calls: int) -> None:
-        """Stateless: nothing to reset between runs."""
-
-    def close(self) -> None:
-        self.graphs.clear()  # sessions are freed with their last reference
-
-
 def ort_components(checkpoint_dir: str | Path, device: torch.device | str = "cpu", dtype: str = "fp32",
                    providers: list | None = None, progress: bool = True) -> Components:  # fmt: skip
     """ORT backends for the checkpoint's graphs (exported into the artifact cache when missing)."""
@@ -140,12 +122,12 @@ def ort_components(checkpoint_dir: str | Path, device: torch.device | str = "cpu
         return transformer.run(rope_cos=cos, rope_sin=sin, **inputs)[0]
 
     return Components(
-        image_encoder=OrtBackend(lambda pixel_values: clip.run(pixel_values=pixel_values)[0], [clip]),
-        vae_encoder=OrtBackend(encode_video, [encoder]),
-        vae_decoder=OrtBackend(
-            lambda latents: decode_in_chunks(vae_config, latents, decode_chunk), [decoder, one_frame]
+        image_encoder=CallableBackend(lambda pixel_values: clip.run(pixel_values=pixel_values)[0], lambda: None),
+        vae_encoder=CallableBackend(encode_video, lambda: None),
+        vae_decoder=CallableBackend(
+            lambda latents: decode_in_chunks(vae_config, latents, decode_chunk), lambda: None
         ),
-        denoiser=OrtBackend(denoise, [transformer]),
+        denoiser=CallableBackend(denoise, lambda: None),
         device=device,
         dtype=ORT_DTYPES[dtype],
     )

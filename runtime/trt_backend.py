@@ -27,7 +27,7 @@ from ..engine.trt_api import require_tensorrt
 from ..models.checkpoint import read_config
 from ..models.transformer import TransformerConfig
 from ..models.vae import VAEConfig, decode_in_chunks, encode_in_chunks
-from .backends import Components
+from .backends import CallableBackend, Components
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +86,6 @@ class EngineSet:
         self.active.clear()
 
 
-class TrtComponent:
-    """A pipeline component over an EngineSet (the `Backend` protocol; `start` is a no-op)."""
-
-    def __init__(self, fn, engines: EngineSet):
-        self.fn, self.engines = fn, engines
-
-    @torch.inference_mode()
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.fn(**inputs)
-
-    def start(self, num_calls: int) -> None:
-        """Stateless: nothing to reset between runs."""
-
-    def close(self) -> None:
-        self.engines.close()
-
-
 def trt_components(checkpoint_dir: Path, model: str, dtype: str, weight_streaming_budget: int | None = None,
                    cuda_graphs: bool = False, lora: tuple[str, float] | None = None) -> Components:  # fmt: skip
     """TensorRT components for the checkpoint's cached engines (see the module docstring)."""
@@ -141,10 +124,10 @@ def trt_components(checkpoint_dir: Path, model: str, dtype: str, weight_streamin
 
     denoise = _denoiser(engines, folder, tcfg, TRT_DTYPES[dtype], latent_request, lora)
     return Components(
-        image_encoder=TrtComponent(lambda pixel_values: engines.run("image_encoder", None, pixel_values=pixel_values), engines),
-        vae_encoder=TrtComponent(encode_video, engines),
-        vae_decoder=TrtComponent(decode, engines),
-        denoiser=TrtComponent(denoise, engines),
+        image_encoder=CallableBackend(lambda pixel_values: engines.run("image_encoder", None, pixel_values=pixel_values), engines.close),
+        vae_encoder=CallableBackend(encode_video, engines.close),
+        vae_decoder=CallableBackend(decode, engines.close),
+        denoiser=CallableBackend(denoise, engines.close),
         device=torch.device("cuda"),
         dtype=TRT_DTYPES[dtype],
     )
