@@ -39,7 +39,7 @@ def doctor() -> None:
 @click.option("--seed", default=42, show_default=True)
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda and with --plan-only, fp32 on cpu.")
 @click.option("--memory-mode", default="auto", show_default=True, type=click.Choice(["auto", "full_gpu", "normal", "low_gpu"]), help="auto: plan streaming/offload for the GPU's free memory (or --vram-budget).")
 @click.option("--offload-steps", default=None, type=int, help="Long-skip activations moved to the host in groups of N (0 = keep on device; default: the planner's choice in auto, else 0).")
@@ -55,9 +55,12 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
         fp8_storage, teacache_threshold, lora, lora_strength, no_progress) -> None:
     """Generate a video from a start image (and optionally an end image)."""
+    import torch
+
     from .runtime.generate import GenerationError, generate_video, plan_video
     from .runtime.loading import RuntimeOptions
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bf16" if plan_only or device.startswith("cuda") else "fp32")
     options = RuntimeOptions(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps,

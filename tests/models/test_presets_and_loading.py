@@ -89,3 +89,18 @@ def test_corrupt_clip_weights(broken_copy: Path) -> None:
     weights.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="CLIP image encoder"):
         CLIPImageEncoder.from_pretrained(broken_copy / "image_encoder")
+
+
+def test_offline_download_says_how_to_fetch_manually(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from ruyi_trt.runtime import model_source
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="huggingface-cli download IamCreateAI/Ruyi-Mini-7B"):
+        model_source.download_checkpoint(tmp_path / "Ruyi-Mini-7B")
+    assert not (tmp_path / "Ruyi-Mini-7B").exists()
