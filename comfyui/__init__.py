@@ -1,5 +1,12 @@
-"""ComfyUI nodes for ruyi-trt (load model, sampler, TensorRT engine loader).
+"""ComfyUI nodes for ruyi-trt: Load Model, Load LoRA and Sampler (Image to Video), under the Ruyi-TRT category.
 
-Not written yet. The nodes will be plain classes calling library functions (runtime.loading,
-runtime.pipeline), with both mapping dicts built from one list of classes.
+Both mapping dicts are built from the one list `nodes.NODES`, so their keys cannot drift. Importing them loads
+no model and imports neither torch, ComfyUI nor TensorRT (see `nodes`).
 """
+
+from .nodes import NODES
+
+NODE_CLASS_MAPPINGS = {node.__name__: node for node in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node.__name__: node.DISPLAY_NAME for node in NODES}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -55,28 +55,33 @@ def plan_video(
     try:
         options.validate()
         request = VideoRequest(start_images=[load_image(p, "--image") for p in images], **request_args)
-        budget = device_budget_bytes(options.device, options.vram_budget_gb)
-        if budget is None and options.memory_mode == "auto":
-            if plan_only:
-                raise GenerationError(
-                    "no CUDA GPU is present to plan for: pass --vram-budget GB (e.g. 24) to plan for a card."
-                )
-            log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
-            return None
-        tcfg, vcfg, clip = model_configs(model)
-        if request.size is not None:
-            height, width = request.size
-        else:
-            height, width = closest_bucket(*request.start_images[0].size, request.resolution)
-        plan_request = PlanRequest(
-            height=height, width=width, frames=round_video_length(request.frames, vcfg.mini_batch_encoder),
-            cfg=request.guidance_scale > 1.0, dtype=options.dtype, fp8=options.fp8,
-            teacache=options.teacache_threshold is not None, steps=request.steps,
-            memory_mode=options.memory_mode, offload_steps=options.offload_steps, budget_bytes=budget,
-        )  # fmt: skip
-        return plan_memory(tcfg, vcfg, clip, plan_request)
+        return plan_for_request(model, request, options, plan_only)
     except (ValueError, TypeError, CheckpointError) as exc:
         raise GenerationError(str(exc)) from exc
+
+
+def plan_for_request(
+    model: str | Path | None, request: VideoRequest, options: RuntimeOptions, plan_only: bool = False
+) -> MemoryPlan | None:
+    """`plan_video` for a request already made (ComfyUI passes images, not files); same None case."""
+    budget = device_budget_bytes(options.device, options.vram_budget_gb)
+    if budget is None and options.memory_mode == "auto":
+        if plan_only:
+            raise GenerationError("no CUDA GPU is present to plan for: pass --vram-budget GB (e.g. 24) to plan for a card.")
+        log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
+        return None
+    tcfg, vcfg, clip = model_configs(model)
+    if request.size is not None:
+        height, width = request.size
+    else:
+        height, width = closest_bucket(*request.start_images[0].size, request.resolution)
+    plan_request = PlanRequest(
+        height=height, width=width, frames=round_video_length(request.frames, vcfg.mini_batch_encoder),
+        cfg=request.guidance_scale > 1.0, dtype=options.dtype, fp8=options.fp8,
+        teacache=options.teacache_threshold is not None, steps=request.steps,
+        memory_mode=options.memory_mode, offload_steps=options.offload_steps, budget_bytes=budget,
+    )  # fmt: skip
+    return plan_memory(tcfg, vcfg, clip, plan_request)
 
 
 def generate_video(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -200,8 +201,12 @@ class RuyiPipeline:
 
     # -- the run --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, request: VideoRequest, progress: bool = True) -> tuple[torch.Tensor, RunStats]:
-        """Generate the video for `request`: returns ([1,3,F,H,W] float32 in [0,1] on the CPU, stats)."""
+    def __call__(
+        self, request: VideoRequest, progress: bool = True, on_step: Callable[[int, int], None] | None = None
+    ) -> tuple[torch.Tensor, RunStats]:
+        """Generate the video for `request`: returns ([1,3,F,H,W] float32 in [0,1] on the CPU, stats).
+
+        `on_step(done, total)` is called after each denoising step (ComfyUI's progress bar; it may raise to stop)."""
         comps, tcfg, vcfg = self.components, self.transformer_config, self.vae_config
         device, dtype = comps.device, comps.dtype
         stats = RunStats()
@@ -259,6 +264,8 @@ class RuyiPipeline:
                     comps.denoiser, scheduler, latents, t, inputs, request.guidance_scale, vcfg.latent_channels,
                     step_kwargs,
                 )
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps))
             if not torch.isfinite(latents).all():
                 raise FloatingPointError(
                     f"the latents became NaN/inf during denoising ({request.scheduler}, {request.steps} steps, "

@@ -57,6 +57,19 @@ def test_video_shape_and_range(pipeline) -> None:
     assert set(stats.seconds) == {"vae_encode", "image_encoder", "denoise", "vae_decode"}
 
 
+def test_on_step_is_called_after_each_step_and_may_stop_the_run(pipeline) -> None:
+    calls = []
+
+    def on_step(done: int, total: int) -> None:
+        calls.append((done, total))
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline(small_request(steps=3), progress=False, on_step=on_step)
+    assert calls == [(1, 3), (2, 3)]
+
+
 def test_same_seed_same_video_other_seed_differs(pipeline) -> None:
     a, _ = pipeline(small_request(seed=7), progress=False)
     b, _ = pipeline(small_request(seed=7), progress=False)
