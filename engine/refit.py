@@ -132,6 +132,7 @@ def refit_engine(trt: ModuleType, engine: object, tensors: dict[str, torch.Tenso
     missing = refitter.get_missing_weights()
     if missing:
         raise RuntimeError(f"refit needs weights it was not given: {list(missing)[:10]}; rebuild the engine instead.")
+    torch.cuda.current_stream().synchronize()  # the device weights were made (cast, transposed) on torch's stream
     if not refitter.refit_cuda_engine():
         raise RuntimeError("TensorRT could not refit the engine:\n  " + "\n  ".join(errors_of(messages) or messages[-10:]))
     torch.cuda.synchronize()

@@ -140,9 +140,7 @@ class TRTEngine:
     def _execute(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         for name, tensor in feeds.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
-            if tensor.numel() == 0:  # a 0-frame context: TensorRT still wants a valid address
-                tensor = self.placeholders.setdefault(tensor.dtype, torch.empty(1, dtype=tensor.dtype, device="cuda"))
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self.context.set_tensor_address(name, self._address(tensor))
         if outputs is None:
             outputs = {}
             for name, (is_input, dtype) in self.io.items():
@@ -150,11 +148,20 @@ class TRTEngine:
                     shape = tuple(self.context.get_tensor_shape(name))
                     outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
         for name, tensor in outputs.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self.context.set_tensor_address(name, self._address(tensor))
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.record.graph}: TensorRT execution failed: " + "; ".join(errors_of(self.messages)))
         return outputs
+
+    def _address(self, tensor: torch.Tensor) -> int:
+        """The device address to bind; an empty tensor (a 0-frame context) has none, and TensorRT still wants a
+        valid one: a one-element placeholder per dtype, made once (not inside a CUDA graph capture)."""
+        if tensor.numel() > 0:
+            return tensor.data_ptr()
+        if tensor.dtype not in self.placeholders:
+            self.placeholders[tensor.dtype] = torch.empty(1, dtype=tensor.dtype, device="cuda")
+        return self.placeholders[tensor.dtype].data_ptr()
 
     def _capture(self, feeds: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict, dict]:
         static_in = {name: tensor.clone() for name, tensor in feeds.items()}

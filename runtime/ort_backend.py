@@ -55,16 +55,23 @@ class OrtGraph:
         self.device = device
         self.input_types = {i.name: _TORCH_TYPES[i.type] for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # IO binding to device memory needs a CUDA provider; a CPU-only onnxruntime runs on host copies
+        gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+        self.bound = device.type == "cuda" and bool(gpu_providers & set(self.session.get_providers()))
+        if device.type == "cuda" and not self.bound:
+            log.warning("%s: onnxruntime has no CUDA provider here (%s); it runs on the CPU", path.name,
+                        self.session.get_providers())  # fmt: skip
         log.debug("%s on %s", path.name, self.session.get_providers())
 
     def run(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
         missing = sorted(set(self.input_types) - set(inputs))
         if missing:
             raise ValueError(f"graph inputs {missing} were not given (got {sorted(inputs)})")
-        feeds = {name: inputs[name].to(self.device, dtype).contiguous() for name, dtype in self.input_types.items()}
-        if self.device.type != "cuda":  # numpy views: no copies in either direction
+        if not self.bound:  # numpy views on the host (no copies when the device is the CPU)
+            feeds = {name: inputs[name].to("cpu", dtype).contiguous() for name, dtype in self.input_types.items()}
             outputs = self.session.run(self.output_names, {k: v.numpy() for k, v in feeds.items()})
-            return [torch.from_numpy(out) for out in outputs]
+            return [torch.from_numpy(out).to(self.device) for out in outputs]
+        feeds = {name: inputs[name].to(self.device, dtype).contiguous() for name, dtype in self.input_types.items()}
         return self._run_bound(feeds)
 
     def _run_bound(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:

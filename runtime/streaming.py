@@ -70,7 +70,7 @@ class BlockStreamer:
         self.cuda = self.device.type == "cuda"
         self.loads = 0  # block weight sets copied into slots so far
         self.on_device = True
-        pin = torch.cuda.is_available()
+        pin = self.cuda and torch.cuda.is_available()  # page-locked memory only helps copies to a CUDA device
         for i in self.streamed:
             self.blocks[i].to(self.host)
             if pin:
@@ -129,6 +129,9 @@ class BlockStreamer:
                 self.copy_stream.wait_event(slot.free)  # the slot's previous block has finished computing
                 for target, source in zip(targets, sources, strict=True):
                     target.copy_(source, non_blocking=True)
+                    # allocated on the compute stream, written on this one: a free (to_host, or an error that
+                    # leaves a prefetched load unacquired) must not hand the memory out before the copy ends
+                    target.record_stream(self.copy_stream)
                 slot.ready.record(self.copy_stream)
         else:
             for target, source in zip(targets, sources, strict=True):

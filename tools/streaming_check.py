@@ -138,8 +138,10 @@ def run_case(case: Case, model: Any, device: Any, card_bytes: int) -> dict:
         record.update(status="ok", warmup_s=seconds[0], step_s=seconds[1], measured_peak_gib=measured / GiB,
                       reserved_peak_gib=torch.cuda.max_memory_reserved(device) / GiB,
                       predicted_over_measured=predicted / measured, slot_loads=runner.streamer.loads)  # fmt: skip
-    except torch.OutOfMemoryError as exc:
-        record.update(status="oom", error=str(exc).splitlines()[0],
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # cuBLAS/cuDNN report some OOMs as RuntimeError
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in message.lower() or "ALLOC_FAILED" in message
+        record.update(status="oom" if oom else "error", error=message,
                       peak_before_oom_gib=torch.cuda.max_memory_allocated(device) / GiB)  # fmt: skip
     finally:
         del runner
@@ -184,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     model = full_random_transformer(device=device, dtype=torch.bfloat16)
     meta["build_s"] = time.perf_counter() - start
     records = []
+
+    def write() -> None:  # after every case: a run cut short by a timeout still leaves what it measured
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "streaming_check.json").write_text(json.dumps({"meta": meta, "cases": records}, indent=2) + "\n")
+        (args.out / "streaming_check.md").write_text(to_markdown(meta, records))
+
     for group in build_cases(args.resolutions, args.frames, args.cap_gib):
         for case in group:
             log.info("case %s", case.name)
@@ -193,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             if record["status"] == "oom":
                 records += [{"case": c.name, **asdict(c), "height": c.size()[0], "width": c.size()[1],
                              "status": "skipped after OOM"} for c in group[group.index(case) + 1 :]]  # fmt: skip
+                write()
                 break
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "streaming_check.json").write_text(json.dumps({"meta": meta, "cases": records}, indent=2) + "\n")
-    (args.out / "streaming_check.md").write_text(to_markdown(meta, records))
+            write()
+    write()
     log.info("wrote %s", args.out / "streaming_check.md")
     return 0
 

@@ -83,3 +83,21 @@ def test_denoiser_rejects_a_single_latent_frame(ort_parts) -> None:
 def test_torch_only_options_are_rejected(options: RuntimeOptions, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         options.validate()
+
+
+def test_cuda_device_without_a_cuda_provider_runs_on_host_copies(tmp_path: Path) -> None:
+    """A CPU-only onnxruntime (as on a bare GPU image) cannot bind device memory: no IO binding then."""
+    import onnx
+    from onnx import TensorProto, helper
+    from ruyi_trt.runtime.ort_backend import OrtGraph
+
+    node = helper.make_node("Add", ["x", "x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])  # fmt: skip
+    path = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    on_cuda = OrtGraph(path, torch.device("cuda"), providers=["CPUExecutionProvider"])
+    assert not on_cuda.bound
+    on_cpu = OrtGraph(path, torch.device("cpu"))
+    assert not on_cpu.bound
+    torch.testing.assert_close(on_cpu.run(x=torch.tensor([1.0, 2.0]))[0], torch.tensor([2.0, 4.0]))

@@ -112,3 +112,89 @@ def test_cfg_split_matches_batched_run(reference) -> None:
 def test_streamer_rejects_bad_resident_count() -> None:
     with pytest.raises(ValueError, match="resident_blocks"):
         BlockStreamer(tiny_transformer().blocks, "cpu", resident_blocks=5)
+
+
+class _FakeEvent:
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def record(self, stream) -> None:
+        self.log.append(("record", self.name, stream.name))
+
+
+class _FakeStream:
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def wait_event(self, event: _FakeEvent) -> None:
+        self.log.append(("wait", self.name, event.name))
+
+
+def test_cuda_stream_and_event_order(monkeypatch) -> None:
+    """The CUDA path with fake streams and events: a copy into a slot waits for the slot's last compute to be
+    released, a block computes only after waiting for its copy, and slot tensors written on the copy stream are
+    recorded on it (so freeing them waits for the copy)."""
+    from contextlib import contextmanager
+
+    log: list = []
+    streamer = BlockStreamer(tiny_transformer().blocks, "cpu", resident_blocks=1)
+    streamer.cuda = True
+    streamer.copy_stream = _FakeStream(log, "copy")
+    compute = _FakeStream(log, "compute")
+    owner = {}
+    for n, slot in enumerate(streamer.slots):
+        slot.ready, slot.free = _FakeEvent(log, f"ready{n}"), _FakeEvent(log, f"free{n}")
+        owner.update({id(t): n for t in (list(slot.module.parameters()) + list(slot.module.buffers()))})
+
+    @contextmanager
+    def on_stream(stream):
+        log.append(("enter", stream.name))
+        yield
+        log.append(("exit", stream.name))
+
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(("record_stream", owner[id(t)], s.name)))
+    slot_index = {i: streamer.slots.index(slot) for i, slot in streamer.slot_of.items()}
+    for _ in range(2):
+        with streamer.loaded(1) as block:
+            log.append(("compute", 1))
+        for i, block in streamer:
+            log.append(("compute", i))
+
+    in_use = dict.fromkeys(range(len(streamer.slots)), False)  # computed on, and not released yet
+    copy_may_write = dict.fromkeys(in_use, False)  # the copy stream waited for the slot's release
+    compute_may_read = dict.fromkeys(in_use, False)  # the compute stream waited for the slot's last copy
+    on_copy_stream, writes = False, 0
+    for entry in log:
+        match entry:
+            case ("enter", "copy") | ("exit", "copy"):
+                on_copy_stream = entry[0] == "enter"
+            case ("wait", "copy", event):
+                n = int(event.removeprefix("free"))
+                assert on_copy_stream and not in_use[n], entry
+                copy_may_write[n] = True
+            case ("record_stream", n, stream):
+                assert stream == "copy" and on_copy_stream and copy_may_write[n], entry
+                writes += 1
+            case ("record", event, "copy"):
+                n = int(event.removeprefix("ready"))
+                copy_may_write[n], compute_may_read[n] = False, False
+            case ("wait", "compute", event):
+                compute_may_read[int(event.removeprefix("ready"))] = True
+            case ("compute", i) if i in slot_index:
+                assert compute_may_read[slot_index[i]], entry
+                in_use[slot_index[i]] = True
+            case ("record", event, "compute"):
+                in_use[int(event.removeprefix("free"))] = False
+    loaded_slots = [int(e[1].removeprefix("ready")) for e in log if e[0] == "record" and e[2] == "copy"]
+    assert streamer.loads == len(loaded_slots) > 0
+    assert writes == sum(list(owner.values()).count(n) for n in loaded_slots)
+
+
+def test_no_pinning_when_the_device_is_the_cpu(monkeypatch) -> None:
+    """A visible GPU does not make CPU streaming pin its host blocks (pinning needs, and only helps, CUDA)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pytest.fail("pinned for a CPU device"))
+    streamer = BlockStreamer(tiny_transformer().blocks, "cpu", resident_blocks=1)
+    assert len(streamer.streamed) == 3

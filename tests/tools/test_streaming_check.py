@@ -63,3 +63,29 @@ def test_one_case_runs_with_the_cuda_calls_stubbed(monkeypatch: pytest.MonkeyPat
     assert record["status"] == "ok", record
     assert record["latent"] == [2, 48, 84] and record["measured_peak_gib"] == 1.0
     assert record["step_s"] > 0 and record["settings"]["resident_blocks"] == 4
+
+
+def test_a_cuda_runtime_error_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuBLAS/cuDNN failures (some of them out-of-memory) come as RuntimeError: the case records it and the check
+    goes on to write its results."""
+
+    from ruyi_trt.models.presets import tiny_transformer
+    from ruyi_trt.runtime import block_runner
+
+    for name in ("set_per_process_memory_fraction", "empty_cache", "synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 2**30)
+
+    def failing(message: str):
+        def runner(*args, **kwargs):
+            raise RuntimeError(message)
+
+        return runner
+
+    model = tiny_transformer().to(torch.bfloat16)
+    monkeypatch.setattr(block_runner, "BlockRunner", failing("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    record = streaming_check.run_case(Case(512, 8, 24.0), model, torch.device("cpu"), 80 * 2**30)
+    assert record["status"] == "oom" and "ALLOC_FAILED" in record["error"]
+    monkeypatch.setattr(block_runner, "BlockRunner", failing("CUDA error: an illegal memory access was encountered"))
+    record = streaming_check.run_case(Case(512, 8, 24.0), model, torch.device("cpu"), 80 * 2**30)
+    assert record["status"] == "error" and "illegal memory access" in record["error"]
