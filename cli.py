@@ -48,12 +48,13 @@ def doctor() -> None:
 @click.option("--fp8", default="none", show_default=True, type=click.Choice(["none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer.")
 @click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
 @click.option("--teacache", "teacache_threshold", default=None, type=float, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
+@click.option("--enhance-a-video", "enhance_a_video", default=None, type=float, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
 @click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
 @click.option("--lora-strength", default=1.0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, lora, lora_strength, no_progress) -> None:
+        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress) -> None:
     """Generate a video from a start image (and optionally an end image)."""
     import torch
 
@@ -65,7 +66,7 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
     options = RuntimeOptions(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps,
         fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache_threshold, lora=lora, lora_strength=lora_strength,
-        vram_budget_gb=vram_budget_gb,
+        vram_budget_gb=vram_budget_gb, enhance_a_video=enhance_a_video,
     )
     request_args = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,

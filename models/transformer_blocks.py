@@ -89,20 +89,65 @@ class Attention(nn.Module):
         self.norm_k = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x: Tensor, context: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
-        """x [B, N, D], context [B, L, C] (None: x itself), cos/sin [N, d] float32 -> [B, N, D]."""
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        enhance_weight: float | None = None,
+        num_frames: int = 1,
+    ) -> Tensor:
+        """x [B, N, D], context [B, L, C] (None: x itself), cos/sin [N, d] float32 -> [B, N, D].
+
+        enhance_weight (self-attention only; None: off): Enhance-A-Video. The output is multiplied by
+        `enhance_a_video_score(q, k, num_frames, enhance_weight)`, taken from q and k after the QK LayerNorm
+        and before RoPE (reference `HunyuanAttnProcessor2_0_EnhanceAVideo`)."""
         context = x if context is None else context
         batch = x.shape[0]
         q = self.to_q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, d)
         k = self.to_k(context).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, L, d)
         v = self.to_v(context).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, L, d)
-        q = apply_rotary(self.norm_q(q), cos, sin)
+        q = self.norm_q(q)
         k = self.norm_k(k)
+        score = None
+        if enhance_weight is not None:
+            if not self.rotate_keys:
+                raise ValueError("Enhance-A-Video applies to self-attention only.")
+            score = enhance_a_video_score(q, k, num_frames, enhance_weight)
+        q = apply_rotary(q, cos, sin)
         if self.rotate_keys:
             k = apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d), scale d^-0.5
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)  # (B, N, D)
-        return self.to_out[0](out)
+        out = self.to_out[0](out)
+        if score is not None:
+            out = out * score  # a 0-dim float32 tensor: out keeps its dtype
+        return out
+
+
+def enhance_a_video_score(q: Tensor, k: Tensor, num_frames: int, weight: float) -> Tensor | None:
+    """Enhance-A-Video's temperature score, a 0-dim float32 tensor (reference `enhance_score`).
+
+    q, k [B, H, F*S, d] (frame-major tokens, after the QK LayerNorm, before RoPE). For every batch
+    entry, spatial position and head, the frame-to-frame attention softmax((q_f * d^-0.5) k_f^T) in
+    float32 ([B*S, H, F, F]; the product itself in the input dtype, as in the reference) gives the mean
+    of its F*F - F off-diagonal entries. The score is the mean of those means over the whole batch, heads
+    and positions, times (F + weight), clamped to >= 1. With a single frame there is no off-diagonal
+    entry (the reference divides by zero and yields NaN): None, i.e. no scaling.
+    """
+    if num_frames < 2:
+        return None
+    batch, heads, tokens, head_dim = q.shape
+    spatial = tokens // num_frames
+    q_frames = q.reshape(batch, heads, num_frames, spatial, head_dim).permute(0, 3, 1, 2, 4)  # (B, S, H, F, d)
+    k_frames = k.reshape(batch, heads, num_frames, spatial, head_dim).permute(0, 3, 1, 2, 4)
+    attn = (q_frames * head_dim**-0.5) @ k_frames.transpose(-2, -1)  # (B, S, H, F, F)
+    attn = attn.float().softmax(dim=-1).reshape(-1, num_frames, num_frames)
+    diagonal = torch.eye(num_frames, dtype=torch.bool, device=attn.device)
+    off_diagonal_sum = attn.masked_fill(diagonal, 0).sum(dim=(1, 2))
+    mean = off_diagonal_sum / (num_frames * num_frames - num_frames)
+    return (mean.mean() * (num_frames + weight)).clamp(min=1)
 
 
 class GEGLU(nn.Module):
@@ -193,9 +238,12 @@ class TransformerBlock(nn.Module):
         rope_sin: Tensor,
         num_frames: int,
         skip: Tensor | None = None,
+        enhance_weight: float | None = None,
     ) -> Tensor:
         """x [B, N, D], temb [B, D], text_states [B, L_text, C], clip_states [B, n_query, C],
-        rope_cos/rope_sin [N, d] float32 (already tiled over frames), skip [B, N, D] in skip blocks."""
+        rope_cos/rope_sin [N, d] float32 (already tiled over frames), skip [B, N, D] in skip blocks.
+        enhance_weight: Enhance-A-Video on the self-attention output (None: off, the exported default);
+        the torch `BlockRunner` passes it on the steps where it is active."""
         # 0. Long skip: x = Linear(LN_fp32(cat[x, skip]))
         if self.has_skip:
             if skip is None:
@@ -207,7 +255,7 @@ class TransformerBlock(nn.Module):
             x = self.t_embed(x, num_frames)
 
         # 2. Self-attention over all frames and patches (RoPE on q and k)
-        x = x + self.attn1(self.norm1(x, temb), None, rope_cos, rope_sin)
+        x = x + self.attn1(self.norm1(x, temb), None, rope_cos, rope_sin, enhance_weight, num_frames)
 
         # 3. Cross-attention to the text tokens (RoPE on q only)
         x = x + self.attn2(self.norm2(x), text_states, rope_cos, rope_sin)

@@ -8,8 +8,11 @@
 - offload between runs (normal mode): the transformer leaves the device after the last call of a run.
 - TeaCache: when the timestep-modulated input of block 0 has changed little since the last computed step,
   skip every block and reuse the cached residual (reference `TeaCacheParameters`).
-None of these change the numbers, except TeaCache (skipped steps) and the CFG split (batch-1 GEMMs may round
-differently from batch-2 ones).
+- Enhance-A-Video (optional, off by default): scales every block's self-attention output by a temporal score
+  (`models.transformer_blocks.enhance_a_video_score`) on the calls its step rule selects (reference
+  `EnhanceAVideoParameters`).
+None of these change the numbers, except TeaCache (skipped steps), Enhance-A-Video and the CFG split (batch-1
+GEMMs may round differently from batch-2 ones).
 """
 
 from __future__ import annotations
@@ -38,6 +41,25 @@ class TeaCacheSettings:
     threshold: float = 0.10
     skip_start_steps: int = 3
     skip_end_steps: int = 1
+
+
+@dataclass(frozen=True)
+class EnhanceAVideoSettings:
+    """Enhance-A-Video (reference defaults: weight 1.0, no skipped steps). Call c (0-based, counted over every
+    denoiser call of the run, TeaCache-skipped ones included) is enhanced when
+    skip_start_steps <= c < num_calls - skip_end_steps. The reference suggests weight < 10 (< 5 for short or
+    low-resolution videos).
+
+    The score is one scalar per block over the whole batch (both CFG halves together), so on enhanced calls
+    the CFG split is not used: the batch runs whole, as in the reference."""
+
+    weight: float = 1.0
+    skip_start_steps: int = 0
+    skip_end_steps: int = 0
+
+    def active(self, call: int, num_calls: int | None) -> bool:
+        end = None if num_calls is None else num_calls - max(0, self.skip_end_steps)
+        return call >= max(0, self.skip_start_steps) and (end is None or call < end)
 
 
 class _TeaCacheState:
@@ -88,6 +110,7 @@ class BlockRunner:
         cfg_split: bool = False,
         offload_between_runs: bool = False,
         teacache: TeaCacheSettings | None = None,
+        enhance_a_video: EnhanceAVideoSettings | None = None,
     ):
         if skip_offload_group < 0:
             raise ValueError(f"skip_offload_group: {skip_offload_group} must be >= 0.")
@@ -97,6 +120,9 @@ class BlockRunner:
         self.host = torch.device("cpu")
         self._state: _TeaCacheState | None = None
         self._calls_left: int | None = None
+        self.enhance_a_video = enhance_a_video
+        self._num_calls: int | None = None
+        self._call = 0
         self.streamer = BlockStreamer(model.blocks, self.device, resident_blocks)
         self._place_rest(self.host if self.offload_between_runs else self.device)
         if self.offload_between_runs:
@@ -125,6 +151,7 @@ class BlockRunner:
         """Called before a run with the number of denoiser calls to come (resets TeaCache)."""
         self._state = _TeaCacheState(self.teacache, num_calls) if self.teacache else None
         self._calls_left = num_calls
+        self._num_calls, self._call = num_calls, 0
 
     @property
     def skipped_calls(self) -> int:
@@ -139,11 +166,12 @@ class BlockRunner:
         model = self.model
         embedded = model.embed(**inputs)
         x_in = embedded.hidden
+        enhance = self._enhance_weight()
         compute = True
         if self._state is not None:
             compute = self._state.decide(self._modulated_input(embedded))
         if compute:
-            x = model.norm_out(self._run_batch(embedded), embedded.temb)
+            x = model.norm_out(self._run_batch(embedded, enhance), embedded.temb)
             if self._state is not None:
                 self._state.residual = x - x_in
         else:
@@ -156,6 +184,14 @@ class BlockRunner:
                 self._to_host()
         return out
 
+    def _enhance_weight(self) -> float | None:
+        """Enhance-A-Video's weight for this call (None: not enhanced); counts the call."""
+        call, self._call = self._call, self._call + 1
+        settings = self.enhance_a_video
+        if settings is None or not settings.active(call, self._num_calls):
+            return None
+        return float(settings.weight)
+
     def _modulated_input(self, embedded: BlockInputs) -> torch.Tensor:
         """Block 0's norm1 output for this call (temporal PE included), the TeaCache change signal."""
         with self.streamer.loaded(0) as block:
@@ -164,11 +200,12 @@ class BlockRunner:
                 x = block.t_embed(x, embedded.num_frames)
             return block.norm1(x, embedded.temb)
 
-    def _run_batch(self, embedded: BlockInputs) -> torch.Tensor:
-        """All blocks on the whole batch, or (CFG split) once per sample, concatenated."""
+    def _run_batch(self, embedded: BlockInputs, enhance: float | None = None) -> torch.Tensor:
+        """All blocks on the whole batch, or (CFG split) once per sample, concatenated. Enhance-A-Video's score
+        spans the whole batch, so an enhanced call always runs the batch whole."""
         batch = embedded.hidden.shape[0]
-        if not self.cfg_split or batch == 1:
-            return self._run_blocks(embedded)
+        if not self.cfg_split or batch == 1 or enhance is not None:
+            return self._run_blocks(embedded, enhance)
         outputs = []
         for b in range(batch):
             sample = embedded._replace(
@@ -178,7 +215,7 @@ class BlockRunner:
             outputs.append(self._run_blocks(sample))
         return torch.cat(outputs)
 
-    def _run_blocks(self, embedded: BlockInputs) -> torch.Tensor:
+    def _run_blocks(self, embedded: BlockInputs, enhance: float | None = None) -> torch.Tensor:
         sources = self.model.config.skip_sources
         kept = set(sources.values())
         group = self.skip_offload_group
@@ -192,7 +229,7 @@ class BlockRunner:
                 skip = on_device.pop(j) if j in on_device else on_host.pop(j).to(self.device, non_blocking=True)
             x = block(
                 x, embedded.temb, embedded.text_states, embedded.clip_states,
-                embedded.rope_cos, embedded.rope_sin, embedded.num_frames, skip,
+                embedded.rope_cos, embedded.rope_sin, embedded.num_frames, skip, enhance,
             )  # fmt: skip
             if i in kept:
                 on_device[i] = x

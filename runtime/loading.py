@@ -18,7 +18,7 @@ from ..models.image_encoder import CLIPImageEncoder
 from ..models.transformer import RuyiTransformer3D, TransformerConfig
 from ..models.vae import RuyiVAE
 from .backends import torch_components
-from .block_runner import BlockRunner, TeaCacheSettings
+from .block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
 from .fp8 import FP8_DTYPES, FP8_MODES, store_weights_fp8
 from .lora import load_lora, merge_lora
 from .memory_plan import PLAN_MODES, MemoryPlan, PlanSettings, mode_settings
@@ -41,6 +41,9 @@ class RuntimeOptions:
     and the device budget (`runtime.memory_plan`). offload_steps is the reference's GPU_offload_steps
     (long-skip activations moved to the host in groups of k; None: 0, or the planner's choice in auto).
     vram_budget_gb caps what the plan may use (GiB; default: the GPU's free memory).
+    enhance_a_video is Enhance-A-Video's weight (None: off; torch backend only): every block's self-attention
+    output is scaled by a temporal score on every step (the reference's defaults, no skipped steps;
+    `runtime.block_runner.EnhanceAVideoSettings`).
     """
 
     backend: str = "torch"
@@ -54,6 +57,7 @@ class RuntimeOptions:
     lora: str | None = None
     lora_strength: float = 1.0
     vram_budget_gb: float | None = None
+    enhance_a_video: float | None = None
 
     def validate(self) -> None:
         choices = {
@@ -70,6 +74,11 @@ class RuntimeOptions:
             raise ValueError(f"offload_steps: {self.offload_steps} must be >= 0.")
         if self.teacache_threshold is not None and not 0.0 < self.teacache_threshold <= 1.0:
             raise ValueError(f"teacache_threshold: {self.teacache_threshold} must be within (0, 1].")
+        if self.enhance_a_video is not None and not 0.0 <= self.enhance_a_video <= 100.0:
+            raise ValueError(f"enhance_a_video: {self.enhance_a_video} must be within [0, 100] (the reference suggests < 10).")
+        if self.enhance_a_video is not None and self.backend != "torch":
+            raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
+                             "use --backend torch.")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
             raise ValueError(f"vram_budget_gb: {self.vram_budget_gb} must be positive (GiB).")
         if self.backend == "ort" and self.dtype == "bf16":
@@ -192,6 +201,9 @@ def _assemble(
         cfg_split=settings.cfg_split,
         offload_between_runs=offload_models,
         teacache=TeaCacheSettings(threshold=options.teacache_threshold) if options.teacache_threshold else None,
+        enhance_a_video=(
+            EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
+        ),
     )
     components = torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser

@@ -93,3 +93,14 @@ def test_unwritable_output_and_missing_model(start_png: Path, tmp_path: Path) ->
                                        "--out", str(tmp_path / "v.mp4")])
     assert result.exit_code != 0 and "does not exist" in result.output
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_enhance_a_video_option_is_validated(start_png: Path, tmp_path: Path) -> None:
+    out = tmp_path / "video.mp4"
+    base = ["run", "--model", "tiny", "--image", str(start_png), "--out", str(out), "--frames", "8", "--size", "64x96",
+            "--steps", "1", "--no-progress", "--enhance-a-video"]
+    result = CliRunner().invoke(main, [*base, "2", "--backend", "ort"])
+    assert result.exit_code != 0 and "enhance_a_video" in result.output
+    result = CliRunner().invoke(main, [*base, "-1"])
+    assert result.exit_code != 0 and "enhance_a_video" in result.output
+    assert not out.exists()

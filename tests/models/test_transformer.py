@@ -278,3 +278,72 @@ def test_block_exports_to_onnx(tmp_path: Path):
     with torch.no_grad():
         expected = block(*args, inputs.num_frames, skip)
     assert_close_scaled(torch.from_numpy(out), expected, 1e-5, "onnx block")
+
+
+def reference_enhance_score(q: torch.Tensor, k: torch.Tensor, num_frames: int, weight: float) -> torch.Tensor:
+    """Enhance-A-Video's score written out with loops: q, k [B, H, F*S, d], frame-major tokens."""
+    batch, heads, tokens, head_dim = q.shape
+    spatial = tokens // num_frames
+    means = []
+    for b in range(batch):
+        for s in range(spatial):
+            for h in range(heads):
+                rows = []
+                for f in range(num_frames):
+                    qf = q[b, h, f * spatial + s] * head_dim**-0.5
+                    logits = torch.stack([qf @ k[b, h, g * spatial + s] for g in range(num_frames)])
+                    rows.append(logits.float().softmax(dim=0))
+                total = sum(rows[f][g] for f in range(num_frames) for g in range(num_frames) if f != g)
+                means.append(total / (num_frames * (num_frames - 1)))
+    return (torch.stack(means).mean() * (num_frames + weight)).clamp(min=1)
+
+
+@pytest.mark.parametrize(("frames", "weight"), [(2, 1.0), (3, 4.0), (4, 0.0)])
+def test_enhance_a_video_score_matches_loops(frames: int, weight: float):
+    from ruyi_trt.models.transformer_blocks import enhance_a_video_score
+
+    gen = torch.Generator().manual_seed(frames)
+    q = torch.randn(2, 3, frames * 5, 8, generator=gen)
+    k = torch.randn(2, 3, frames * 5, 8, generator=gen)
+    score = enhance_a_video_score(q, k, frames, weight)
+    assert score.dtype == torch.float32 and score.dim() == 0
+    torch.testing.assert_close(score, reference_enhance_score(q, k, frames, weight), rtol=1e-6, atol=1e-6)
+    # Keys equal across frames: uniform frame attention, off-diagonal mean 1/F, score max(1, (F + weight) / F).
+    k_same = k[:, :, :5].repeat(1, 1, frames, 1)
+    uniform = enhance_a_video_score(q, k_same, frames, weight)
+    torch.testing.assert_close(uniform, torch.tensor(max(1.0, (frames + weight) / frames)))
+    assert enhance_a_video_score(q[:, :, :5], k[:, :, :5], 1, weight) is None  # one frame: no off-diagonal
+
+
+def test_enhance_a_video_scales_self_attention_output_only():
+    from ruyi_trt.models.transformer_blocks import Attention, enhance_a_video_score
+
+    torch.manual_seed(0)
+    frames, spatial, dim, heads = 3, 4, 32, 4
+    attn = Attention(dim, heads).eval()
+    x = torch.randn(2, frames * spatial, dim)
+    cos, sin = torch.randn(frames * spatial, dim // heads), torch.randn(frames * spatial, dim // heads)
+    with torch.no_grad():
+        plain = attn(x, None, cos, sin)
+        assert torch.equal(attn(x, None, cos, sin, None, frames), plain)
+        enhanced = attn(x, None, cos, sin, 2.0, frames)
+        q = attn.norm_q(attn.to_q(x).unflatten(-1, (heads, dim // heads)).transpose(1, 2))  # before RoPE
+        k = attn.norm_k(attn.to_k(x).unflatten(-1, (heads, dim // heads)).transpose(1, 2))
+        score = enhance_a_video_score(q, k, frames, 2.0)
+    assert torch.equal(enhanced, plain * score)
+    cross = Attention(dim, heads, context_dim=16)
+    with pytest.raises(ValueError, match="self-attention"):
+        cross(x, torch.randn(2, 5, 16), cos, sin, 1.0, frames)
+
+
+def test_block_enhance_weight_none_is_bit_identical(golden: dict, golden_model: RuyiTransformer3D):
+    model = golden_model
+    with torch.no_grad():
+        inputs = model.embed(**golden["kwargs"])
+        block = model.blocks[0]
+        args = (inputs.hidden, inputs.temb, inputs.text_states, inputs.clip_states, inputs.rope_cos,
+                inputs.rope_sin, inputs.num_frames)  # fmt: skip
+        plain = block(*args)
+        assert torch.equal(block(*args, None, None), plain)
+        enhanced = block(*args, None, 50.0)
+    assert torch.isfinite(enhanced).all() and not torch.equal(enhanced, plain)

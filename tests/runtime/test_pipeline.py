@@ -220,3 +220,20 @@ def test_teacache_skips_steps(tiny_dir: Path) -> None:
     video, _ = pipe(small_request(frames=8, steps=8), progress=False)
     assert torch.isfinite(video).all()
     assert pipe.components.denoiser.skipped_calls > 0
+
+
+def test_enhance_a_video_changes_the_video(tiny_dir: Path) -> None:
+    request = small_request(frames=16, steps=2)
+    off, _ = load_pipeline(tiny_dir)(request, progress=False)
+    on, _ = load_pipeline(tiny_dir, RuntimeOptions(enhance_a_video=1.0))(request, progress=False)
+    assert on.shape == off.shape and torch.isfinite(on).all()
+    assert not torch.equal(on, off)
+
+
+@pytest.mark.parametrize("backend", ["ort", "trt"])
+def test_enhance_a_video_is_torch_only(backend: str) -> None:
+    with pytest.raises(ValueError, match="enhance_a_video"):
+        RuntimeOptions(backend=backend, enhance_a_video=1.0).validate()
+    with pytest.raises(ValueError, match="enhance_a_video"):
+        RuntimeOptions(enhance_a_video=-1.0).validate()
+    RuntimeOptions(enhance_a_video=1.0).validate()

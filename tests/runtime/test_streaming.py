@@ -198,3 +198,30 @@ def test_no_pinning_when_the_device_is_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pytest.fail("pinned for a CPU device"))
     streamer = BlockStreamer(tiny_transformer().blocks, "cpu", resident_blocks=1)
     assert len(streamer.streamed) == 3
+
+
+def test_enhance_a_video_step_rule_and_cfg_split() -> None:
+    from ruyi_trt.runtime.block_runner import EnhanceAVideoSettings
+
+    # The reference's rule: call c is enhanced when skip_start <= c < num_steps - skip_end.
+    rule = EnhanceAVideoSettings(weight=1.0, skip_start_steps=1, skip_end_steps=2)
+    assert [rule.active(c, 6) for c in range(6)] == [False, True, True, True, False, False]
+    assert all(EnhanceAVideoSettings().active(c, 4) for c in range(4))
+
+    model = tiny_transformer(seed=0)
+    inputs = make_inputs(model, batch=2, frames=3)
+    plain = BlockRunner(model, "cpu", torch.float32)
+    rule = EnhanceAVideoSettings(weight=1.0, skip_start_steps=1, skip_end_steps=1)  # of 4 calls: 1 and 2
+    enhanced = BlockRunner(model, "cpu", torch.float32, enhance_a_video=rule)
+    split = BlockRunner(model, "cpu", torch.float32, cfg_split=True, enhance_a_video=rule)
+    for runner in (plain, enhanced, split):
+        runner.start(4)
+    outs = [[runner(**inputs) for _ in range(4)] for runner in (plain, enhanced, split)]
+    for call in range(4):
+        same = torch.equal(outs[1][call], outs[0][call])
+        assert same == (call in (0, 3)), call  # skipped first and last call: unchanged
+        if call in (1, 2):
+            assert torch.equal(outs[2][call], outs[1][call])  # enhanced calls run the CFG batch whole
+        else:
+            torch.testing.assert_close(outs[2][call], outs[0][call])  # split per sample (may round differently)
+
