@@ -14,10 +14,10 @@ import torch
 
 from ..models.checkpoint import read_config
 from ..models.control_embeddings import ControlEmbeddings, load_control_embeddings
-from ..models.image_encoder import CLIPImageEncoder
+from ..models.image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
 from ..models.transformer import RuyiTransformer3D, TransformerConfig
-from ..models.vae import RuyiVAE
-from .backends import torch_components
+from ..models.vae import RuyiVAE, VAEConfig
+from .backends import Components, torch_components
 from .block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
 from .fp8 import FP8_DTYPES, FP8_MODES, store_weights_fp8
 from .lora import load_lora, merge_lora
@@ -112,6 +112,21 @@ def run_settings(options: RuntimeOptions, num_blocks: int, plan: MemoryPlan | No
     return mode_settings(options.memory_mode, options.offload_steps, num_blocks)
 
 
+def pipeline_from_files(folder: Path, components: Components) -> RuyiPipeline:
+    """A `RuyiPipeline` over prepared components (ONNX Runtime, TensorRT); the configs, control embeddings and
+    CLIP preprocessing come from the checkpoint's files, no PyTorch weights are loaded."""
+    _, tokens, hidden = vision_geometry(folder / "image_encoder")
+    return RuyiPipeline(
+        components=components,
+        transformer_config=TransformerConfig.from_dict(read_config(folder / "transformer")),
+        vae_config=VAEConfig.from_dict(read_config(folder / "vae")),
+        embeddings=load_control_embeddings(folder / "embeddings.safetensors"),
+        scheduler_config=read_config(folder / "scheduler", "scheduler_config.json"),
+        clip_processor_config=read_config(folder / "image_encoder", PREPROCESSOR_NAME),
+        clip_tokens=(tokens, hidden),
+    )
+
+
 def load_pipeline(
     folder: str | Path, options: RuntimeOptions = RuntimeOptions(), plan: MemoryPlan | None = None
 ) -> RuyiPipeline:
@@ -119,15 +134,16 @@ def load_pipeline(
     options.validate()
     folder = Path(folder)
     if options.backend == "ort":
-        from .ort_backend import load_ort_pipeline
+        from .ort_backend import ort_components
 
-        return load_ort_pipeline(folder, options.device, options.dtype)  # a memory plan does not apply
+        # a memory plan does not apply: ONNX Runtime places its own memory
+        return pipeline_from_files(folder, ort_components(folder, options.device, options.dtype))
     if options.backend == "trt":
-        from .trt_backend import load_trt_pipeline
+        from .trt_backend import trt_components
 
         budget = plan.trt_weight_streaming_budget_bytes if plan is not None else None
         lora = (options.lora, options.lora_strength) if options.lora else None
-        return load_trt_pipeline(folder, options.dtype, budget, lora)
+        return pipeline_from_files(folder, trt_components(folder, str(folder), options.dtype, budget, False, lora))
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     config = TransformerConfig.from_dict(read_config(folder / "transformer"))
     settings = run_settings(options, config.num_layers, plan)
@@ -152,7 +168,6 @@ def load_random_pipeline(
     from ..models.image_encoder import build_random_image_encoder
     from ..models.presets import full_random_transformer, randomize_
     from ..models.scheduler import default_scheduler_config
-    from ..models.vae import VAEConfig
 
     options.validate()
     device, dtype = torch.device(options.device), DTYPES[options.dtype]

@@ -20,9 +20,6 @@ import torch
 
 from ..deps import require
 from ..models.checkpoint import read_config
-from ..models.control_embeddings import load_control_embeddings
-from ..models.image_encoder import PREPROCESSOR_NAME, vision_geometry
-from ..models.transformer import TransformerConfig
 from ..models.vae import VAEConfig, decode_in_chunks, encode_in_chunks
 from .backends import CallableBackend, Components
 
@@ -137,22 +134,4 @@ def ort_components(checkpoint_dir: str | Path, device: torch.device | str = "cpu
         denoiser=CallableBackend(denoise, lambda: None),
         device=device,
         dtype=ORT_DTYPES[dtype],
-    )
-
-
-def load_ort_pipeline(folder: str | Path, device: str, dtype: str, progress: bool = True):
-    """A `RuyiPipeline` on ORT components; configs come from the checkpoint's JSON files (no PyTorch weights)."""
-    from .pipeline import RuyiPipeline
-
-    folder = Path(folder)
-    components = ort_components(folder, device, dtype, progress=progress)
-    _, tokens, hidden = vision_geometry(folder / "image_encoder")
-    return RuyiPipeline(
-        components=components,
-        transformer_config=TransformerConfig.from_dict(read_config(folder / "transformer")),
-        vae_config=VAEConfig.from_dict(read_config(folder / "vae")),
-        embeddings=load_control_embeddings(folder / "embeddings.safetensors"),
-        scheduler_config=read_config(folder / "scheduler", "scheduler_config.json"),
-        clip_processor_config=read_config(folder / "image_encoder", PREPROCESSOR_NAME),
-        clip_tokens=(tokens, hidden),
     )

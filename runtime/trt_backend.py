@@ -206,25 +206,3 @@ def _run_blocks(engines: EngineSet, tcfg: TransformerConfig, blocks, request, co
         if i in kept:
             skips[i] = tokens
     return engines.run("transformer_unembed", request, tokens=tokens, temb=temb)
-
-
-
-def load_trt_pipeline(folder: str | Path, dtype: str, weight_streaming_budget: int | None = None,
-                      lora: tuple[str, float] | None = None, cuda_graphs: bool = False):  # fmt: skip
-    """A `RuyiPipeline` on TensorRT components; configs from the checkpoint's JSON files."""
-    from ..models.control_embeddings import load_control_embeddings
-    from ..models.image_encoder import PREPROCESSOR_NAME, vision_geometry
-    from .pipeline import RuyiPipeline
-
-    folder = Path(folder)
-    components = trt_components(folder, str(folder), dtype, weight_streaming_budget, cuda_graphs, lora)
-    _, tokens, hidden = vision_geometry(folder / "image_encoder")
-    return RuyiPipeline(
-        components=components,
-        transformer_config=TransformerConfig.from_dict(read_config(folder / "transformer")),
-        vae_config=VAEConfig.from_dict(read_config(folder / "vae")),
-        embeddings=load_control_embeddings(folder / "embeddings.safetensors"),
-        scheduler_config=read_config(folder / "scheduler", "scheduler_config.json"),
-        clip_processor_config=read_config(folder / "image_encoder", PREPROCESSOR_NAME),
-        clip_tokens=(tokens, hidden),
-    )
