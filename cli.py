@@ -73,13 +73,12 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         guidance_scale=guidance_scale, seed=seed, scheduler=scheduler,
     )
     try:
-        plan = plan_video(model, images, request_args, options, plan_only=plan_only)
-        if plan is not None:
-            click.echo(plan.describe())
         if plan_only:
+            plan = plan_video(model, images, request_args, options, plan_only=True)
+            click.echo(plan.describe())
             return
-        path, stats = generate_video(model, images, end_images, out, request_args, options,
-                                     frames_dir=frames_dir, progress=not no_progress, plan=plan)
+        path, stats = generate_video(model, images, end_images, out, request_args, options, frames_dir=frames_dir,
+                                     progress=not no_progress, on_plan=lambda plan: click.echo(plan.describe()))
     except (GenerationError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {path}  ({stats.summary()})")

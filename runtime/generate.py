@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,11 @@ def generate_video(
     options: RuntimeOptions = RuntimeOptions(),
     frames_dir: str | Path | None = None,
     progress: bool = True,
-    plan: MemoryPlan | None = None,
+    on_plan: Callable[[MemoryPlan], None] | None = None,
 ) -> tuple[Path, RunStats]:
-    """Run the whole image-to-video job and write the video; returns its path and the run statistics."""
+    """Run the whole image-to-video job and write the video; returns its path and the run statistics.
+
+    The memory plan is made here (see `plan_for_request`) and handed to `on_plan` before any weight loads."""
     out = Path(out)
     if out.suffix.lower() != ".mp4":
         raise GenerationError(f"--out: {out} must end in .mp4")
@@ -109,6 +111,9 @@ def generate_video(
             **request_args,
         )
         options.validate()
+        plan = plan_for_request(model, request, options)
+        if plan is not None and on_plan is not None:
+            on_plan(plan)
         if model is not None and str(model) == FULL_RANDOM:
             pipeline = load_random_pipeline(options, plan)
         else:
