@@ -40,7 +40,7 @@ def doctor() -> None:
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
-@click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda and with --plan-only, fp32 on cpu.")
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda (fp16 with --backend ort) and with --plan-only, fp32 on cpu.")
 @click.option("--memory-mode", default="auto", show_default=True, type=click.Choice(["auto", "full_gpu", "normal", "low_gpu"]), help="auto: plan streaming/offload for the GPU's free memory (or --vram-budget).")
 @click.option("--offload-steps", default=None, type=int, help="Long-skip activations moved to the host in groups of N (0 = keep on device; default: the planner's choice in auto, else 0).")
 @click.option("--vram-budget", "vram_budget_gb", default=None, type=float, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
@@ -59,10 +59,10 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
     import torch
 
     from .runtime.generate import GenerationError, generate_video, plan_video
-    from .runtime.loading import RuntimeOptions
+    from .runtime.loading import RuntimeOptions, default_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bf16" if plan_only or device.startswith("cuda") else "fp32")
+    dtype = dtype or ("bf16" if plan_only else default_dtype(device, backend))
     options = RuntimeOptions(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps,
         fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache_threshold, lora=lora, lora_strength=lora_strength,

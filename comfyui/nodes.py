@@ -71,12 +71,12 @@ class RuyiTRTLoadModel:
 
     def load(self, model: str, backend: str, dtype: str, memory_mode: str, fp8: str, fp8_storage: str,
              teacache_threshold: float = 0.0) -> tuple[PipelineSpec]:  # fmt: skip
-        from ..runtime.loading import RuntimeOptions
+        from ..runtime.loading import RuntimeOptions, default_dtype
         from ..runtime.session import PipelineSpec
 
         device = host.device()
-        if dtype == "auto":  # ONNX Runtime has no bf16
-            dtype = ("fp16" if backend == "ort" else "bf16") if device.startswith("cuda") else "fp32"
+        if dtype == "auto":
+            dtype = default_dtype(device, backend)
         options = RuntimeOptions(backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, fp8=fp8,
                                  fp8_storage=fp8_storage, teacache_threshold=teacache_threshold or None)  # fmt: skip
         options.validate()

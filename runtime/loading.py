@@ -96,6 +96,13 @@ class RuntimeOptions:
             raise ValueError("device: cuda was requested but no CUDA GPU is visible; use --device cpu.")
 
 
+def default_dtype(device: str, backend: str) -> str:
+    """bf16 on a GPU (fp16 with ONNX Runtime, which has no bf16 arrays), fp32 on the CPU."""
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "fp16" if backend == "ort" else "bf16"
+
+
 def run_settings(options: RuntimeOptions, num_blocks: int, plan: MemoryPlan | None = None) -> PlanSettings:
     """The memory settings to execute: the plan's, else the fixed settings of `options.memory_mode`.
 
