@@ -132,7 +132,7 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, check, 
     """Export the model to ONNX graphs (cached: unchanged components are skipped)."""
     from .export.onnx_export import COMPONENTS, ExportSettings, export_checkpoint
     from .export.readiness import check_export_dir
-    from .models.checkpoint import CheckpointError
+    from .models.checkpoint_io import CheckpointError
     from .runtime.model_source import resolve_model
 
     if model is None and not check:
@@ -178,7 +178,7 @@ def build(model, precision, resolution, frames, batch, per_block, weight_streami
 
     from .engine.build import build_engines
     from .engine.settings import BuildSettings
-    from .models.checkpoint import CheckpointError
+    from .models.checkpoint_io import CheckpointError
 
     try:
         settings = BuildSettings.from_strings(

@@ -51,8 +51,8 @@ class RuyiTRTLoadModel:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
-        from ..runtime.fp8 import FP8_DTYPES, FP8_MODES
         from ..runtime.loading import BACKENDS, DTYPES, MEMORY_MODES
+        from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES
 
         model_tip = "A folder name under models/Ruyi, a checkpoint path, 'tiny' or 'full-random' (random weights)."
         return {

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..export import manifest as export_manifest
 from ..export.onnx_export import ensure_exported
 from ..export.specs import ExportSpec
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from . import cache
 from .attention import attention_patterns, describe
 from .builder import BuilderOptions, build_plan

@@ -17,7 +17,7 @@ from types import ModuleType
 
 from tqdm.auto import tqdm
 
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from .profiles import Profile
 from .trt_api import errors_of, make_logger, require_tensorrt
 

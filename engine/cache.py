@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..export.specs import Shape
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from .profiles import (
     FrameRange,
     Profile,

@@ -1,6 +1,6 @@
 """TensorRT optimization profiles from what the user asks for: resolutions x frame range x batch.
 
-`--resolution 512` means every aspect bucket of the 512 base (runtime/buckets.py: 256x1024 .. 1024x256),
+`--resolution 512` means every aspect bucket of the 512 base (models/geometry.py: 256x1024 .. 1024x256),
 `--resolution 384x672` just that size; both can be listed (`512,768` or `512,384x672`). `--frames
 MIN:OPT:MAX` is a video-frame range (each 1 or a multiple of the VAE's mini_batch_encoder, <= 120).
 The request sizes (`VideoShape`s) go through each graph's `ExportSpec.profile`, which converts them to
@@ -21,13 +21,7 @@ from pathlib import Path
 
 from ..export import specs as export_specs
 from ..export.specs import EXPORT_DTYPES, ExportSpec, Shape, VideoShape
-from ..runtime.buckets import (
-    ASPECT_RATIO_512,
-    MAX_FRAMES,
-    SIZE_MULTIPLE,
-    SUPPORTED_RESOLUTIONS,
-    scaled_bucket_size,
-)
+from ..models.geometry import ASPECT_RATIO_512, MAX_FRAMES, SIZE_MULTIPLE, SUPPORTED_RESOLUTIONS, scaled_bucket_size
 
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
@@ -120,10 +114,10 @@ def graph_profile(spec: ExportSpec, component: str, entries: Sequence[str], fram
 
 def graph_specs(checkpoint_dir: Path, precision: str) -> dict[str, ExportSpec]:
     """Every exportable graph's spec for a checkpoint, from its config files alone (no weights are read)."""
-    from ..models.checkpoint import read_config
+    from ..models.checkpoint_io import read_config
     from ..models.image_encoder import vision_geometry
     from ..models.transformer import TransformerConfig
-    from ..models.vae import VAEConfig
+    from ..models.vae_config import VAEConfig
 
     folder = Path(checkpoint_dir)
     dtype = EXPORT_DTYPES[precision]

@@ -20,7 +20,8 @@ from types import ModuleType
 import torch
 
 from ..deps import require
-from ..models.checkpoint import atomic_write, load_weights
+from ..files import atomic_write
+from ..models.checkpoint_io import load_weights
 from .trt_api import errors_of, make_logger, trt_dtype
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The TensorRT Python API as ruyi-trt uses it: the lazy import, the members we call, shared glue.
 
 `TRT_API` lists every TensorRT member the engine code touches, per kind of object. The test
-tests/engine/test_trt_api.py parses engine/*.py and runtime/trt_backend.py with `ast` and checks both
+tests/engine/test_trt_api.py parses engine/*.py and runtime/backends/trt_backend.py with `ast` and checks both
 ways: every attribute read on the `trt` module or on a variable holding a TensorRT object (the names in
 `TRT_API`, e.g. `builder`, `engine`, `self.context`) is listed here, and every listed name exists in the
 committed name lists of TensorRT 10.16 and 11.4 (engine/trt_api/*.txt, see engine/trt_api_names.py).

@@ -67,7 +67,7 @@ def names_from_wheel(wheel: str | Path) -> tuple[str, set[str]]:
 
 def write_names(version: str, names: set[str], folder: Path = NAMES_DIR) -> Path:
     """Write `folder/<version>.txt` (sorted, one name a line, with a header line naming the source)."""
-    from ..models.checkpoint import atomic_write
+    from ..files import atomic_write
 
     text = f"# TensorRT {version} Python bindings: names from tensorrt.so and __init__.py (engine/trt_api_names.py)\n"
     text += "\n".join(sorted(names)) + "\n"

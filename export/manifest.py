@@ -32,7 +32,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..models.checkpoint import CheckpointError, atomic_write, weight_files
+from ..files import atomic_write
+from ..models.checkpoint_io import CheckpointError, weight_files
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = 1

@@ -190,8 +190,8 @@ def component_graphs(
 
 
 def _vae_config(checkpoint_dir: Path):
-    from ..models.checkpoint import read_config
-    from ..models.vae import VAEConfig
+    from ..models.checkpoint_io import read_config
+    from ..models.vae_config import VAEConfig
 
     return VAEConfig.from_dict(read_config(checkpoint_dir / "vae"), source=str(checkpoint_dir / "vae" / "config.json"))
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..models.transformer import TransformerConfig
-from ..models.vae import VAEConfig
+from ..models.vae_config import VAEConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -3,9 +3,10 @@
 Every module loads the released checkpoint's state dict unchanged (strict key matching).
 """
 
-from .checkpoint import CheckpointError
+from .checkpoint_io import CheckpointError
 from .image_encoder import CLIPImageEncoder
 from .transformer import RuyiTransformer3D, TransformerConfig
-from .vae import RuyiVAE, VAEConfig
+from .vae import RuyiVAE
+from .vae_config import VAEConfig
 
 __all__ = ["CheckpointError", "CLIPImageEncoder", "RuyiTransformer3D", "RuyiVAE", "TransformerConfig", "VAEConfig"]

@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, atomic_write
+from ..files import atomic_write
+from .checkpoint_io import CheckpointError
 
 log = logging.getLogger(__name__)
 

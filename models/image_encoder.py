@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .checkpoint import CheckpointError, read_config
+from .checkpoint_io import CheckpointError, read_config
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import config_to_dict, save_component
+from .checkpoint_io import config_to_dict, save_component
 from .control_embeddings import make_random_control_embeddings, save_control_embeddings
 from .image_encoder import CLIPImageEncoder, build_random_image_encoder
 from .transformer import RuyiTransformer3D, TransformerConfig, computed_state
-from .vae import RuyiVAE, VAEConfig
+from .vae import RuyiVAE
+from .vae_config import VAEConfig
 
 TINY_VERSION = "tiny-v1"
 TINY_SEED = 0

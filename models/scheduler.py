@@ -28,7 +28,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .checkpoint import CheckpointError, read_config
+from .checkpoint_io import CheckpointError, read_config
 
 log = logging.getLogger(__name__)
 

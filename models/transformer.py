@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import config_from_dict, config_to_dict, load_into, load_weights, read_config
+from .checkpoint_io import config_from_dict, config_to_dict, load_into, load_weights, read_config
 from .rope import rotary_embedding
 from .transformer_blocks import NORM_EPS, FP32LayerNorm, TransformerBlock, temporal_table
 from .transformer_conditioning import MLP, Resampler, TimestepTextSizeStyleEmbedding, sincos_2d_table

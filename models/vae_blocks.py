@@ -20,14 +20,12 @@ replicate padding (which has no half-precision CPU kernel) goes through float32 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .vae import VAEConfig
+from .vae_config import DOWN_BLOCKS, UP_BLOCKS, VAEConfig
 
 NORM_EPS = 1e-6
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "elu": nn.ELU, "mish": nn.Mish}
@@ -178,10 +176,6 @@ class Upsampler(nn.Module):
         if self.temporal and pad.upsample_time:
             x = F.interpolate(x, scale_factor=(2.0, 1.0, 1.0), mode=self.time_mode)
         return x
-
-
-DOWN_BLOCKS = {"SpatialDownBlock3D": False, "SpatialTemporalDownBlock3D": True}  # type -> downsamples time
-UP_BLOCKS = {"SpatialUpBlock3D": False, "SpatialTemporalUpBlock3D": True}  # type -> upsamples time
 
 
 class DownBlock(nn.Module):

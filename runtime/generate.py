@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..models.checkpoint import CheckpointError
-from .buckets import closest_bucket, round_video_length
+from ..models.checkpoint_io import CheckpointError
+from ..models.geometry import closest_bucket, round_video_length
 from .loading import RuntimeOptions, load_pipeline, load_random_pipeline
-from .memory_plan import MemoryPlan, PlanRequest, device_budget_bytes, plan_memory
+from .memory.plan import MemoryPlan, PlanRequest, device_budget_bytes, plan_memory
 from .model_source import FULL_RANDOM, model_configs, resolve_model
 from .pipeline import RunStats
 from .request import VideoRequest, load_image

@@ -12,22 +12,24 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import read_config
+from ..models.checkpoint_io import read_config
 from ..models.control_embeddings import ControlEmbeddings, load_control_embeddings
 from ..models.image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
 from ..models.transformer import RuyiTransformer3D, TransformerConfig
-from ..models.vae import RuyiVAE, VAEConfig
-from .backends import Components, torch_components
-from .block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
-from .fp8 import FP8_DTYPES, FP8_MODES, store_weights_fp8
-from .lora import load_lora, merge_lora
-from .memory_plan import PLAN_MODES, MemoryPlan, PlanSettings, mode_settings
+from ..models.vae import RuyiVAE
+from ..models.vae_config import VAEConfig
+from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, store_weights_fp8
+from ..weights.lora import load_lora, merge_lora
+from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
+from .backends.protocol import Components
+from .backends.torch_backend import torch_components
+from .memory.plan import PLAN_MODES, MemoryPlan, PlanSettings, mode_settings
 from .pipeline import RuyiPipeline
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("torch", "ort", "trt")  # ort: runtime/ort_backend.py over exported ONNX graphs; trt: runtime/trt_backend.py
+BACKENDS = ("torch", "ort", "trt")  # ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: runtime/backends/trt_backend.py
 MEMORY_MODES = PLAN_MODES
 
 
@@ -141,12 +143,12 @@ def load_pipeline(
     options.validate()
     folder = Path(folder)
     if options.backend == "ort":
-        from .ort_backend import ort_components
+        from .backends.ort_backend import ort_components
 
         # a memory plan does not apply: ONNX Runtime places its own memory
         return pipeline_from_files(folder, ort_components(folder, options.device, options.dtype))
     if options.backend == "trt":
-        from .trt_backend import trt_components
+        from .backends.trt_backend import trt_components
 
         budget = plan.trt_weight_streaming_budget_bytes if plan is not None else None
         lora = (options.lora, options.lora_strength) if options.lora else None

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..models.checkpoint import CheckpointError, read_config
+from ..models.checkpoint_io import CheckpointError, read_config
 from ..models.transformer import TransformerConfig
-from ..models.vae import VAEConfig
-from .memory_model import ClipSpec
+from ..models.vae_config import VAEConfig
+from .memory.model import ClipSpec
 
 log = logging.getLogger(__name__)
 

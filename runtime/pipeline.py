@@ -19,11 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.control_embeddings import ControlEmbeddings
+from ..models.geometry import closest_bucket, round_video_length
 from ..models.scheduler import load_scheduler, timesteps_for
 from ..models.transformer import TransformerConfig, rotary_embedding
-from ..models.vae import VAEConfig
-from .backends import Components
-from .buckets import closest_bucket, round_video_length
+from ..models.vae_config import VAEConfig
+from .backends.protocol import Components
 from .conditioning import clip_pixel_values, image_to_video_condition, prepare_mask_and_masked_video
 from .request import VideoRequest
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .buckets import closest_bucket
+from ..models.geometry import closest_bucket
 from .generate import plan_for_request
 from .loading import RuntimeOptions, load_pipeline, load_random_pipeline
-from .memory_plan import MemoryPlan
+from .memory.plan import MemoryPlan
 from .model_source import FULL_RANDOM
 from .pipeline import RuyiPipeline
 from .request import VideoRequest

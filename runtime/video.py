@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..deps import require
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 

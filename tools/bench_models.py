@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import read_config
+from ..models.checkpoint_io import read_config
 from ..models.transformer import TransformerConfig, rotary_embedding
-from ..models.vae import VAEConfig
-from ..runtime.backends import Backend, Denoiser
+from ..models.vae_config import VAEConfig
+from ..runtime.backends.protocol import Backend, Denoiser
 from .fast_paths import FAST_PATHS, wrap_denoiser
 from .flops import FlopCount, transformer_flops
 
@@ -187,7 +187,7 @@ class FullRandomModel:
         return self._modules[name]
 
     def open(self, status: BackendStatus) -> Session:
-        from ..runtime.block_runner import BlockRunner
+        from ..runtime.backends.block_runner import BlockRunner
 
         path = FAST_PATHS.get(status.name)
         dtype = DTYPES[self.dtype]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.transformer import RuyiTransformer3D
-from ..runtime.backends import Denoiser
+from ..runtime.backends.protocol import Denoiser
 
 
 @dataclass(frozen=True)

@@ -8,3 +8,13 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${RUYI_TORCH:-torch==2.13.0}" -e ".[dev]"
+.venv/bin/python - <<'PY'
+import importlib.metadata as md, sys
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
+print(f"set up .venv: python {sys.version.split()[0]}, torch {v('torch')}, ruyi-trt {v('ruyi-trt')} (editable, extras dev), "
+      f"onnxruntime-gpu {v('onnxruntime-gpu')}, diffusers {v('diffusers')}, transformers {v('transformers')}")
+PY

@@ -41,7 +41,7 @@ class Case:
         return f"{self.resolution}px x {self.frames}f, {cap}"
 
     def size(self) -> tuple[int, int]:
-        from ..runtime.buckets import closest_bucket
+        from ..models.geometry import closest_bucket
 
         return closest_bucket(*ASPECT_16_9, self.resolution)
 
@@ -98,10 +98,10 @@ def run_case(case: Case, model: Any, device: Any, card_bytes: int) -> dict:
     """Plan, place the weights, then one warm-up and one timed forward; returns the record."""
     import torch
 
-    from ..models.vae import VAEConfig
-    from ..runtime.block_runner import BlockRunner
-    from ..runtime.memory_model import ClipSpec
-    from ..runtime.memory_plan import MemoryPlanError, PlanRequest, plan_memory
+    from ..models.vae_config import VAEConfig
+    from ..runtime.backends.block_runner import BlockRunner
+    from ..runtime.memory.model import ClipSpec
+    from ..runtime.memory.plan import MemoryPlanError, PlanRequest, plan_memory
 
     height, width = case.size()
     budget = card_bytes if case.cap_gib is None else int(case.cap_gib * GiB)

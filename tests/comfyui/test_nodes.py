@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from ruyi_trt.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, nodes
 from ruyi_trt.comfyui.convert import images_to_pil, video_to_images
 from ruyi_trt.runtime.pipeline import RunStats

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
+
 from ruyi_trt.cli import main
 from ruyi_trt.engine.profiles import FrameRange
 from ruyi_trt.engine.settings import BuildSettings

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from ruyi_trt.engine import cache
 from ruyi_trt.engine.profiles import FrameRange
 from ruyi_trt.engine.settings import BuildSettings

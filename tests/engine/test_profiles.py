@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ruyi_trt.engine.profiles import (
     FrameRange,
     component_shapes,
@@ -102,7 +103,7 @@ def test_profiles_match_the_exported_graphs(tiny_dir: Path, exported_dir: Path):
                                              ("vae_decoder", "vae-decoder")])  # fmt: skip
 def test_graphs_run_at_profile_min_and_max(tiny_dir: Path, exported_dir: Path, graph: str, component: str):
     """ONNX Runtime accepts the profile's min and max shapes: the ranges are consistent with the graph."""
-    from ruyi_trt.runtime.ort_backend import OrtGraph
+    from ruyi_trt.runtime.backends.ort_backend import OrtGraph
 
     spec = graph_specs(tiny_dir, "fp32")[graph]
     profile = graph_profile(spec, component, SMALL, FRAMES, 2)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ruyi_trt.engine.attention import attention_patterns, describe
 from ruyi_trt.engine.refit import (
     read_refit_map,
@@ -13,7 +14,7 @@ from ruyi_trt.engine.refit import (
     weight_map,
     write_refit_map,
 )
-from ruyi_trt.models.checkpoint import load_weights
+from ruyi_trt.models.checkpoint_io import load_weights
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import ast
 from pathlib import Path
 
 import pytest
+
 from ruyi_trt.engine.trt_api import TRT_API
 from ruyi_trt.engine.trt_api_names import (
     available_versions,
@@ -19,7 +20,7 @@ from ruyi_trt.engine.trt_api_names import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = sorted((REPO / "engine").glob("*.py")) + [REPO / "runtime" / "trt_backend.py"]
+SOURCES = sorted((REPO / "engine").glob("*.py")) + [REPO / "runtime" / "backends" / "trt_backend.py"]
 OBJECT_KINDS = set(TRT_API) - {"trt", "override"}
 
 

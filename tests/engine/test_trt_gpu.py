@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ruyi_trt.engine import cache
 from ruyi_trt.engine.build import build_engines
 from ruyi_trt.engine.profiles import FrameRange

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+
 from ruyi_trt.cli import main
 from ruyi_trt.export import (
     ExportSettings,
@@ -24,10 +25,10 @@ from ruyi_trt.export import (
 from ruyi_trt.export.manifest import read_manifest
 from ruyi_trt.export.onnx_export import component_graphs
 from ruyi_trt.export.specs import transformer_spec, vae_decoder_specs
-from ruyi_trt.models.checkpoint import CheckpointError
+from ruyi_trt.models.checkpoint_io import CheckpointError
 from ruyi_trt.models.transformer import TransformerConfig
-from ruyi_trt.models.vae import VAEConfig
-from ruyi_trt.runtime.ort_backend import OrtGraph
+from ruyi_trt.models.vae_config import VAEConfig
+from ruyi_trt.runtime.backends.ort_backend import OrtGraph
 from ruyi_trt.testing import assert_close_scaled
 
 CPU = torch.device("cpu")

@@ -8,6 +8,7 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper
+
 from ruyi_trt.export.readiness import check_tensorrt_ready, tensorrt_op_table
 
 

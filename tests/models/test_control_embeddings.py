@@ -10,7 +10,9 @@ import json
 
 import pytest
 import torch
-from ruyi_trt.models.checkpoint import CheckpointError
+from safetensors.torch import load_file
+
+from ruyi_trt.models.checkpoint_io import CheckpointError
 from ruyi_trt.models.control_embeddings import (
     CAMERAS,
     ControlEmbeddings,
@@ -18,7 +20,6 @@ from ruyi_trt.models.control_embeddings import (
     make_random_control_embeddings,
     save_control_embeddings,
 )
-from safetensors.torch import load_file
 
 # reference return-dict names -> our field names
 _REFERENCE_FIELDS = {"embeds": "emb1", "attention_mask": "mask1", "embeds_2": "emb2", "attention_mask_2": "mask2"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ruyi_trt.models import CheckpointError, CLIPImageEncoder, RuyiTransformer3D, RuyiVAE
-from ruyi_trt.models.checkpoint import load_weights, read_config
+from ruyi_trt.models.checkpoint_io import load_weights, read_config
 from ruyi_trt.models.presets import full_random_transformer, tiny_transformer, write_tiny_checkpoint
 from ruyi_trt.runtime.model_source import resolve_model
 

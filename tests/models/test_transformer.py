@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ruyi_trt.models.checkpoint import CheckpointError, load_into, save_component
+from ruyi_trt.models.checkpoint_io import CheckpointError, load_into, save_component
 from ruyi_trt.models.rope import crop_region, rotary_embedding
 from ruyi_trt.models.transformer import RuyiTransformer3D, TransformerConfig, computed_state
 from ruyi_trt.testing import assert_close_scaled

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from ruyi_trt.models.checkpoint import CheckpointError, save_component
-from ruyi_trt.models.vae import RuyiVAE, VAEConfig
-from ruyi_trt.testing import assert_close_scaled
 from safetensors.torch import load_file
+
+from ruyi_trt.models.checkpoint_io import CheckpointError, save_component
+from ruyi_trt.models.vae import RuyiVAE
+from ruyi_trt.models.vae_config import VAEConfig
+from ruyi_trt.testing import assert_close_scaled
 
 VARIANTS = ("cache", "slice", "slice_plain")
 TAGS = ("even", "odd")

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+
 from ruyi_trt.runtime.conditioning import (
     clip_pixel_values,
     generates_every_frame,
     image_to_video_condition,
     prepare_mask_and_masked_video,
 )
-from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")

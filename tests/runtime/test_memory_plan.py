@@ -7,19 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+
 from ruyi_trt.cli import main
 from ruyi_trt.models.presets import tiny_transformer
 from ruyi_trt.models.transformer import TransformerConfig
-from ruyi_trt.models.vae import VAEConfig
-from ruyi_trt.runtime.fp8 import FP8_MODES, store_weights_fp8, weight_bytes
-from ruyi_trt.runtime.memory_model import ClipSpec, GiB, transformer_weights
-from ruyi_trt.runtime.memory_plan import (
-    MemoryPlanError,
-    PlanRequest,
-    plan_memory,
-    skip_residency,
-    usable_budget,
-)
+from ruyi_trt.models.vae_config import VAEConfig
+from ruyi_trt.runtime.memory.model import ClipSpec, GiB, transformer_weights
+from ruyi_trt.runtime.memory.plan import MemoryPlanError, PlanRequest, plan_memory, skip_residency, usable_budget
+from ruyi_trt.weights.fp8_storage import FP8_MODES, store_weights_fp8, weight_bytes
 
 FULL = (TransformerConfig.full(), VAEConfig.full(), ClipSpec())
 EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "example.png"  # 672x384 (16:9)

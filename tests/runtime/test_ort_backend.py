@@ -17,8 +17,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_graphsurgeon")
 
 from ruyi_trt.models.vae import RuyiVAE
+from ruyi_trt.runtime.backends.ort_backend import ort_components
 from ruyi_trt.runtime.loading import RuntimeOptions, load_pipeline
-from ruyi_trt.runtime.ort_backend import ort_components
 from ruyi_trt.runtime.request import VideoRequest
 from ruyi_trt.testing import assert_close_scaled, gradient_image
 
@@ -89,7 +89,8 @@ def test_cuda_device_without_a_cuda_provider_runs_on_host_copies(tmp_path: Path)
     """A CPU-only onnxruntime (as on a bare GPU image) cannot bind device memory: no IO binding then."""
     import onnx
     from onnx import TensorProto, helper
-    from ruyi_trt.runtime.ort_backend import OrtGraph
+
+    from ruyi_trt.runtime.backends.ort_backend import OrtGraph
 
     node = helper.make_node("Add", ["x", "x"], ["y"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],

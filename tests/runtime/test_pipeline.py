@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from ruyi_trt.models.control_embeddings import load_control_embeddings
 from ruyi_trt.models.scheduler import load_scheduler, timesteps_for
 from ruyi_trt.models.transformer import RuyiTransformer3D, TransformerConfig
-from ruyi_trt.runtime.backends import TorchBackend
+from ruyi_trt.runtime.backends.torch_backend import TorchBackend
 from ruyi_trt.runtime.loading import RuntimeOptions, load_pipeline
 from ruyi_trt.runtime.pipeline import denoise_step, guided_velocity, transformer_conditioning
 from ruyi_trt.runtime.request import SCHEDULER_NAMES, VideoRequest
 from ruyi_trt.testing import assert_close_scaled, gradient_image
-from safetensors.torch import load_file
 
 SMALL = (64, 96)  # height, width: 8x12 latents, 4x6 tokens per frame
 

@@ -6,9 +6,10 @@ import types
 from pathlib import Path
 
 import pytest
+
 from ruyi_trt.runtime import session
 from ruyi_trt.runtime.loading import RuntimeOptions
-from ruyi_trt.runtime.memory_plan import MemoryPlan
+from ruyi_trt.runtime.memory.plan import MemoryPlan
 from ruyi_trt.runtime.request import VideoRequest
 from ruyi_trt.runtime.session import PipelineCache, PipelineSpec, plan_key
 from ruyi_trt.testing import gradient_image

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ruyi_trt.models.presets import tiny_transformer
 from ruyi_trt.models.transformer import RuyiTransformer3D, rotary_embedding
-from ruyi_trt.runtime.block_runner import BlockRunner, TeaCacheSettings
-from ruyi_trt.runtime.fp8 import store_weights_fp8
-from ruyi_trt.runtime.streaming import BlockStreamer
+from ruyi_trt.runtime.backends.block_runner import BlockRunner, TeaCacheSettings
+from ruyi_trt.runtime.memory.streaming import BlockStreamer
+from ruyi_trt.weights.fp8_storage import store_weights_fp8
 
 
 def make_inputs(model: RuyiTransformer3D, batch: int = 2, frames: int = 2, height: int = 8, width: int = 12) -> dict:
@@ -201,7 +202,7 @@ def test_no_pinning_when_the_device_is_the_cpu(monkeypatch) -> None:
 
 
 def test_enhance_a_video_step_rule_and_cfg_split() -> None:
-    from ruyi_trt.runtime.block_runner import EnhanceAVideoSettings
+    from ruyi_trt.runtime.backends.block_runner import EnhanceAVideoSettings
 
     # The reference's rule: call c is enhanced when skip_start <= c < num_steps - skip_end.
     rule = EnhanceAVideoSettings(weight=1.0, skip_start_steps=1, skip_end_steps=2)

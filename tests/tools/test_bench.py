@@ -10,9 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+
 from ruyi_trt.cli import main
 from ruyi_trt.models.presets import tiny_transformer
-from ruyi_trt.runtime.block_runner import BlockRunner
+from ruyi_trt.runtime.backends.block_runner import BlockRunner
 from ruyi_trt.tools.bench import BenchConfig, parse_shapes, run_bench
 from ruyi_trt.tools.bench_models import STAGES, Shape, backend_statuses
 from ruyi_trt.tools.fast_paths import FAST_PATHS, CompiledBlocks, wrap_denoiser
@@ -151,7 +152,7 @@ def test_full_random_path_with_tiny_stand_ins(monkeypatch: pytest.MonkeyPatch, t
     configs standing in for the full ones, which would not fit a CPU test."""
     from ruyi_trt.models import presets
     from ruyi_trt.models.transformer import TransformerConfig
-    from ruyi_trt.models.vae import VAEConfig
+    from ruyi_trt.models.vae_config import VAEConfig
 
     built = []
 

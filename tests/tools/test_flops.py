@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from ruyi_trt.models.presets import tiny_transformer
 from ruyi_trt.models.transformer import TransformerConfig
-from ruyi_trt.models.vae import VAEConfig
+from ruyi_trt.models.vae_config import VAEConfig
 from ruyi_trt.tools.environment import peak_rate
 from ruyi_trt.tools.flops import transformer_flops
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ruyi_trt.tools import streaming_check
 from ruyi_trt.tools.streaming_check import Case, build_cases, parse_args, to_markdown
 
@@ -70,7 +71,7 @@ def test_a_cuda_runtime_error_is_recorded_not_raised(monkeypatch: pytest.MonkeyP
     goes on to write its results."""
 
     from ruyi_trt.models.presets import tiny_transformer
-    from ruyi_trt.runtime import block_runner
+    from ruyi_trt.runtime.backends import block_runner
 
     for name in ("set_per_process_memory_fraction", "empty_cache", "synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)

@@ -1,6 +1,6 @@
 """The TensorRT backend (`--backend trt`): the pipeline's four components over cached TensorRT engines.
 
-It mirrors the ONNX Runtime backend (runtime/ort_backend.py): the same graphs, the same VAE chunk loops
+It mirrors the ONNX Runtime backend (runtime/backends/ort_backend.py): the same graphs, the same VAE chunk loops
 (`encode_in_chunks` / `decode_in_chunks`), RoPE passed as rope_cos/rope_sin. Engines come from the
 engine cache (engine/cache.py), made by `ruyi-trt build`; nothing is built here. Each call picks the
 engine whose profile covers its shapes, for this GPU, TensorRT version, checkpoint and precision, and
@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from ..engine import cache
-from ..engine.build import BLOCK_TRANSFORMER
-from ..engine.runtime import TRTEngine
-from ..engine.trt_api import require_tensorrt
-from ..models.checkpoint import read_config
-from ..models.transformer import TransformerConfig
-from ..models.vae import VAEConfig, decode_in_chunks, encode_in_chunks
-from .backends import CallableBackend, Components
+from ...engine import cache
+from ...engine.build import BLOCK_TRANSFORMER
+from ...engine.runtime import TRTEngine
+from ...engine.trt_api import require_tensorrt
+from ...models.checkpoint_io import read_config
+from ...models.transformer import TransformerConfig
+from ...models.vae import decode_in_chunks, encode_in_chunks
+from ...models.vae_config import VAEConfig
+from .protocol import CallableBackend, Components
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class EngineSet:
 
     def __init__(self, model: str, checkpoint_dir: Path, precision: str, weight_streaming_budget: int | None = None,
                  cuda_graphs: bool = False, root: Path | None = None):  # fmt: skip
-        from ..export.manifest import component_hash
+        from ...export.manifest import component_hash
 
         trt = require_tensorrt("the TensorRT backend")
         self.model, self.precision = model, precision
@@ -157,8 +158,8 @@ def _denoiser(engines: EngineSet, folder: Path, tcfg: TransformerConfig, dtype: 
 
 def _merged_weights(folder: Path, dtype: torch.dtype, lora: tuple[str, float] | None) -> tuple[dict, list[str]]:
     """(transformer state dict in `dtype` on the GPU, with the LoRA merged; the merged weight names)."""
-    from ..models.transformer import RuyiTransformer3D
-    from .lora import load_lora, merge_lora
+    from ...models.transformer import RuyiTransformer3D
+    from ...weights.lora import load_lora, merge_lora
 
     model = RuyiTransformer3D.from_pretrained(folder / "transformer", dtype=dtype)
     changed = []
@@ -170,7 +171,7 @@ def _merged_weights(folder: Path, dtype: torch.dtype, lora: tuple[str, float] | 
 
 
 def _refit_whole(engines: EngineSet, weights: tuple[dict, list[str]]) -> None:
-    from ..engine.refit import read_refit_map, refit_tensors
+    from ...engine.refit import read_refit_map, refit_tensors
 
     state, changed = weights
     for folder, record in engines.candidates("transformer"):

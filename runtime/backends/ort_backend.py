@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..deps import require
-from ..models.checkpoint import read_config
-from ..models.vae import VAEConfig, decode_in_chunks, encode_in_chunks
-from .backends import CallableBackend, Components
+from ...deps import require
+from ...models.checkpoint_io import read_config
+from ...models.vae import decode_in_chunks, encode_in_chunks
+from ...models.vae_config import VAEConfig
+from .protocol import CallableBackend, Components
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ class OrtGraph:
 def ort_components(checkpoint_dir: str | Path, device: torch.device | str = "cpu", dtype: str = "fp32",
                    providers: list | None = None, progress: bool = True) -> Components:  # fmt: skip
     """ORT backends for the checkpoint's graphs (exported into the artifact cache when missing)."""
-    from ..export import manifest
-    from ..export.onnx_export import ExportSettings, ensure_exported
+    from ...export import manifest
+    from ...export.onnx_export import ExportSettings, ensure_exported
 
     if dtype not in ORT_DTYPES:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Resolution buckets, frame-count rounding and request validation (runtime/buckets.py).
+"""Resolution buckets, frame-count rounding and request validation (models/geometry.py).
 
 Golden: preprocess.json `buckets` and `video_length` (reference-exact integers; compared with ==).
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from ruyi_trt.runtime.buckets import (
+
+from ruyi_trt.models.geometry import (
     ASPECT_RATIO_512,
     closest_bucket,
     closest_ratio_key,

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..models.transformer import TransformerConfig
-from ..models.vae import VAEConfig
+from ...models.transformer import TransformerConfig
+from ...models.vae_config import VAEConfig
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -150,7 +150,7 @@ def transformer_weights(cfg: TransformerConfig, dtype_bytes: int, fp8: str = "no
 
 @functools.lru_cache(maxsize=8)
 def _vae_parameters(cfg: VAEConfig) -> int:
-    from ..models.vae import RuyiVAE
+    from ...models.vae import RuyiVAE
 
     with torch.device("meta"):
         return sum(p.numel() for p in RuyiVAE(cfg).parameters())

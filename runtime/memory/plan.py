@@ -22,9 +22,9 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
-from ..models.transformer import TransformerConfig
-from ..models.vae import VAEConfig
-from .memory_model import (
+from ...models.transformer import TransformerConfig
+from ...models.vae_config import VAEConfig
+from .model import (
     DTYPE_BYTES,
     CallShape,
     ClipSpec,

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.transformer import BlockInputs, RuyiTransformer3D
-from .backends import move_inputs
-from .streaming import BlockStreamer
+from ...models.transformer import BlockInputs, RuyiTransformer3D
+from ..memory.streaming import BlockStreamer
+from .protocol import move_inputs
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Kohya-style LoRA merge/unmerge (runtime/lora.py) on a small module tree with the transformer's naming.
+"""Kohya-style LoRA merge/unmerge (weights/lora.py) on a small module tree with the transformer's naming.
 
 float32 weights: merge must equal W + strength * alpha/r * up @ down within 1e-6; unmerge restores W within 1e-6.
 """
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ruyi_trt.runtime.lora import merge_lora, unmerge_lora
 from torch import nn
+
+from ruyi_trt.weights.lora import merge_lora, unmerge_lora
 
 
 class _Attn(nn.Module):
@@ -147,8 +148,9 @@ def test_no_matching_key_raises():
 
 
 def test_load_lora(tmp_path):
-    from ruyi_trt.runtime.lora import load_lora
     from safetensors.torch import save_file
+
+    from ruyi_trt.weights.lora import load_lora
 
     lora = _lora(torch.Generator().manual_seed(4))
     save_file(lora, str(tmp_path / "style.safetensors"))
