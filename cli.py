@@ -25,7 +25,7 @@ def doctor() -> None:
 
 @main.command()
 @click.option("--model", "model", default=None, help="Checkpoint folder, 'tiny' (small random model), 'full-random' (the real architecture, random weights), or omit for models/Ruyi-Mini-7B (downloaded when missing).")
-@click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False), help="Start image (repeat for up to 5 leading frames).")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False), help="Start image (repeat for up to 5 leading frames); not needed with --plan-only --size.")
 @click.option("--end-image", "end_images", multiple=True, type=click.Path(dir_okay=False), help="End image (the last frame).")
 @click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(dir_okay=False), help="Output mp4 (H.264, 24 fps).")
 @click.option("--frames-dir", default=None, type=click.Path(file_okay=False), help="Also write every frame as PNG into this folder.")
@@ -56,32 +56,63 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
         fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress) -> None:
     """Generate a video from a start image (and optionally an end image)."""
-    import torch
+    from .models.checkpoint import Checkpoint
+    from .models.checkpoint_io import CheckpointError
+    from .runtime.loading import RuntimeOptions, memory_plan
+    from .runtime.pipeline import GenerationError, RuyiPipeline
+    from .runtime.request import VideoRequest
+    from .runtime.video import check_output_path
 
-    from .runtime.generate import GenerationError, generate_video, plan_video
-    from .runtime.loading import RuntimeOptions, default_dtype
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bf16" if plan_only else default_dtype(device, backend))
-    options = RuntimeOptions(
-        backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps,
-        fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache_threshold, lora=lora, lora_strength=lora_strength,
-        vram_budget_gb=vram_budget_gb, enhance_a_video=enhance_a_video,
-    )
-    request_args = dict(
+    if plan_only:
+        dtype = dtype or "bf16"  # plan for the GPU run, also from a machine without one
+    run_options = dict(
+        backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
+        fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
+        lora_strength=lora_strength, vram_budget=vram_budget_gb,
+    )  # fmt: skip
+    video_options = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
         guidance_scale=guidance_scale, seed=seed, scheduler=scheduler,
-    )
+    )  # fmt: skip
     try:
         if plan_only:
-            plan = plan_video(model, images, request_args, options, plan_only=True)
+            checkpoint = Checkpoint.for_planning(model)
+            options = RuntimeOptions.make(**run_options)
+            if not images and video_options["size"] is None:
+                raise click.UsageError("--plan-only needs --size HEIGHTxWIDTH or an --image (whose aspect bucket is planned)")
+            request = _plan_request(images, video_options)
+            height, width, length = request.geometry(checkpoint.vae.mini_batch_encoder)
+            plan = memory_plan(checkpoint, options, height, width, length, guidance_scale > 1.0, steps, plan_only=True)
             click.echo(plan.describe())
             return
-        path, stats = generate_video(model, images, end_images, out, request_args, options, frames_dir=frames_dir,
-                                     progress=not no_progress, on_plan=lambda plan: click.echo(plan.describe()))
-    except (GenerationError, ImportError) as exc:
+        if not images:
+            raise click.UsageError("Missing option '--image' (a start image).")
+        check_output_path(out, "--out", suffix=".mp4")
+        if frames_dir is not None:
+            check_output_path(frames_dir, "--frames-dir")
+        request = VideoRequest.from_inputs(list(images), list(end_images) or None, **video_options)
+        pipe = RuyiPipeline.from_pretrained(model, **run_options)
+        plan = pipe.plan(request)
+        if plan is not None:
+            click.echo(plan.describe())
+        video = pipe.generate(request, progress=not no_progress)
+        video.save(out)
+        if frames_dir is not None:
+            video.save_frames(frames_dir)
+    except (ValueError, TypeError, CheckpointError, GenerationError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {path}  ({stats.summary()})")
+    click.echo(f"wrote {out}  ({video.stats.summary()})")
+
+
+def _plan_request(images, video_options: dict):
+    """The request a plan is made for: the given start images, or a stand-in image when only --size is known."""
+    from PIL import Image
+
+    from .runtime.request import VideoRequest
+
+    height, width = video_options["size"] or (16, 16)
+    start = list(images) or [Image.new("RGB", (width, height))]
+    return VideoRequest.from_inputs(start, None, **video_options)
 
 
 @main.command()
@@ -132,8 +163,8 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, check, 
     """Export the model to ONNX graphs (cached: unchanged components are skipped)."""
     from .export.onnx_export import COMPONENTS, ExportSettings, export_checkpoint
     from .export.readiness import check_export_dir
+    from .models.checkpoint import Checkpoint
     from .models.checkpoint_io import CheckpointError
-    from .runtime.model_source import resolve_model
 
     if model is None and not check:
         raise click.UsageError("pass --model PATH|tiny (or --check alone to check the graphs in --out)")
@@ -141,7 +172,7 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, check, 
         if model is not None:
             settings = ExportSettings(dtype=dtype, opset=opset, per_block=per_block, exporter=exporter)
             components = COMPONENTS if component == "all" else (component,)
-            result = export_checkpoint(resolve_model(model, download=False), out_dir, settings, components,
+            result = export_checkpoint(Checkpoint.resolve(model, download=False), out_dir, settings, components,
                                        progress=not no_progress)
             for name, entry in result.manifest["components"].items():
                 state = "exported" if name in result.exported else "cached"

@@ -28,7 +28,7 @@ def models_root() -> Path:
     folder_paths = comfy_module("folder_paths")
     if folder_paths is not None:
         return Path(folder_paths.models_dir) / RUYI_FOLDER
-    from ..runtime.model_source import DEFAULT_MODEL_DIR
+    from ..models.checkpoint import DEFAULT_MODEL_DIR
 
     return DEFAULT_MODEL_DIR.parent
 
@@ -36,12 +36,12 @@ def models_root() -> Path:
 def model_folder(model: str) -> str:
     """`tiny` -> the tiny checkpoint folder; `full-random` as it is; an existing folder; else a name under
     `models_root()`. The released Ruyi-Mini-7B is downloaded there when missing, as the original node does."""
-    from ..runtime.model_source import DEFAULT_MODEL_DIR, download_checkpoint, missing_parts, resolve_model
+    from ..models.checkpoint import DEFAULT_MODEL_DIR, Checkpoint, download_checkpoint, missing_parts
 
     if model == "full-random":
         return model
     if model == "tiny":
-        return str(resolve_model(model))
+        return str(Checkpoint.resolve(model).folder)
     folder = Path(model).expanduser()
     if not folder.is_dir():
         folder = models_root() / model
@@ -52,7 +52,7 @@ def model_folder(model: str) -> str:
             f"model: {model!r} is neither a folder nor a name under {models_root()}; use {SPECIAL_MODELS}, a "
             f"checkpoint folder, or {DEFAULT_MODEL_DIR.name} (downloaded on first use)."
         )
-    return str(resolve_model(folder, download=False))
+    return str(Checkpoint.resolve(folder, download=False).folder)
 
 
 def lora_widget() -> tuple:
@@ -83,14 +83,14 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def step_callback(steps: int) -> Callable[[int, int], None] | None:
+def step_callback(steps: int) -> Callable[[str, int, int], None] | None:
     """Per denoising step: advance ComfyUI's progress bar and honour its Cancel button; None outside ComfyUI."""
     utils, model_management = comfy_module("comfy.utils"), comfy_module("comfy.model_management")
     if utils is None:
         return None
     bar = utils.ProgressBar(steps)
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(stage: str, done: int, total: int) -> None:
         if model_management is not None:
             model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, total)

@@ -22,6 +22,7 @@ from ..export import manifest as export_manifest
 from ..export.onnx_export import ensure_exported
 from ..export.specs import ExportSpec
 from ..files import atomic_write
+from ..models.checkpoint import Checkpoint
 from . import cache
 from .attention import attention_patterns, describe
 from .builder import BuilderOptions, build_plan
@@ -48,8 +49,6 @@ class BuildResult:
 
 def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool = False) -> BuildResult:
     """Build (or find) every engine `settings` asks for; see the module docstring."""
-    from ..runtime.model_source import resolve_model
-
     settings.validate()
     trt = require_tensorrt("ruyi-trt build")  # fail before the export when TensorRT is missing
     import torch
@@ -57,7 +56,7 @@ def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool 
     if not torch.cuda.is_available():
         raise RuntimeError("ruyi-trt build needs a CUDA GPU (TensorRT builds for the GPU it runs on); none is visible.")
     platform = cache.Platform.current(trt.__version__)
-    checkpoint = resolve_model(settings.model)
+    checkpoint = Checkpoint.resolve(settings.model)
     onnx_dir = ensure_exported(checkpoint, settings.export_settings(), progress=progress)
     data = export_manifest.read_manifest(onnx_dir)
     options = BuilderOptions(settings.weight_streaming, settings.refit, settings.workspace_gb, settings.timing_cache, verbose)
@@ -82,7 +81,7 @@ def graphs_of(component: str, entry: dict, per_block: bool) -> list[str]:
     return graphs
 
 
-def build_graph(spec: ExportSpec, component: str, entry: dict, onnx_dir: Path, checkpoint: Path, settings: BuildSettings,
+def build_graph(spec: ExportSpec, component: str, entry: dict, onnx_dir: Path, checkpoint: Checkpoint, settings: BuildSettings,
                 options: BuilderOptions, platform: cache.Platform, root: Path, progress: bool) -> tuple[Path, bool]:  # fmt: skip
     """Build one engine into its cache folder unless an intact one is there; (folder, whether it was built now)."""
     graph = spec.name
@@ -121,7 +120,7 @@ def build_graph(spec: ExportSpec, component: str, entry: dict, onnx_dir: Path, c
     if settings.refit and component == "transformer":
         from .refit import write_refit_map
 
-        write_refit_map(folder, onnx_path, checkpoint / "transformer", settings.precision)
+        write_refit_map(folder, onnx_path, checkpoint.part("transformer"), settings.precision)
     cache.write_record(folder, record)
     log.info("%s: built %s in %.1f s (%s)", graph, folder, seconds, describe(attention))
     return folder, True

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..export import specs as export_specs
 from ..export.specs import EXPORT_DTYPES, ExportSpec, Shape, VideoShape
+from ..models.checkpoint import Checkpoint
 from ..models.geometry import ASPECT_RATIO_512, MAX_FRAMES, SIZE_MULTIPLE, SUPPORTED_RESOLUTIONS, scaled_bucket_size
 
 Profile = dict[str, tuple[Shape, Shape, Shape]]
@@ -112,18 +113,12 @@ def graph_profile(spec: ExportSpec, component: str, entries: Sequence[str], fram
     return spec.profile(shapes, opt)
 
 
-def graph_specs(checkpoint_dir: Path, precision: str) -> dict[str, ExportSpec]:
-    """Every exportable graph's spec for a checkpoint, from its config files alone (no weights are read)."""
-    from ..models.checkpoint_io import read_config
-    from ..models.image_encoder import vision_geometry
-    from ..models.transformer import TransformerConfig
-    from ..models.vae_config import VAEConfig
-
-    folder = Path(checkpoint_dir)
+def graph_specs(checkpoint: Checkpoint | str | Path, precision: str) -> dict[str, ExportSpec]:
+    """Every exportable graph's spec for a checkpoint (or the folder it names), from its configs alone."""
+    checkpoint = Checkpoint.resolve(checkpoint, download=False)
     dtype = EXPORT_DTYPES[precision]
-    transformer = TransformerConfig.from_dict(read_config(folder / "transformer"), source=str(folder / "transformer"))
-    vae = VAEConfig.from_dict(read_config(folder / "vae"), source=str(folder / "vae"))
-    image_size, clip_tokens, clip_hidden = vision_geometry(folder / "image_encoder")
+    transformer, vae = checkpoint.transformer, checkpoint.vae
+    image_size, clip_tokens, clip_hidden = checkpoint.clip_geometry
     found = [
         export_specs.transformer_spec(transformer, vae, dtype, clip_tokens),
         *export_specs.transformer_stage_specs(transformer, vae, dtype, clip_tokens),

@@ -5,7 +5,7 @@ Schema (version 1):
       "schema": 1,
       "components": {
         "<component>": {                       # transformer | vae-encoder | vae-decoder | image-encoder
-          "checkpoint_hash": "sha256:...",     # the checkpoint folder's config + weights (see component_hash)
+          "checkpoint_hash": "sha256:...",     # the component's config + weights (Checkpoint.weights_hash)
           "settings": {"dtype": "fp16", "opset": 18, "exporter": "torchscript", "per_block": false},
           "versions": {"torch": ..., "onnx": ..., "onnx_graphsurgeon": ..., "ruyi_trt": ...},
           "seconds": 12.3,
@@ -25,58 +25,24 @@ A component is reused when its entry has the same checkpoint hash and settings a
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write
-from ..models.checkpoint_io import CheckpointError, weight_files
+from ..models.checkpoint import Checkpoint
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = 1
-# component -> (checkpoint sub-folder, files hashed besides the safetensors)
-COMPONENT_SOURCES = {
-    "transformer": ("transformer", ("config.json",)),
-    "vae-encoder": ("vae", ("config.json",)),
-    "vae-decoder": ("vae", ("config.json",)),
-    "image-encoder": ("image_encoder", ("config.json", "preprocessor_config.json")),
-}
+# component -> the checkpoint part whose config and weights it is made from
+COMPONENT_PARTS = {"transformer": "transformer", "vae-encoder": "vae", "vae-decoder": "vae",
+                   "image-encoder": "image_encoder"}  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; cached per (path, size, mtime) for the process, since weights can be many GB."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def component_hash(checkpoint_dir: str | Path, component: str) -> str:
-    """sha256 over the names and contents of the component's config file(s) and safetensors weights."""
-    folder_name, extra = COMPONENT_SOURCES[component]
-    folder = Path(checkpoint_dir) / folder_name
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"{folder} does not exist: {checkpoint_dir} is not a complete Ruyi checkpoint "
-            "(pass --model PATH to a Ruyi-Mini-7B folder or --model tiny)."
-        )
-    files = []
-    for name in extra:
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; download the checkpoint again.")
-        files.append(path)
-    files += weight_files(folder)
-    digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.name}:{_file_digest(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
-    return "sha256:" + digest.hexdigest()
+def component_hash(checkpoint: Checkpoint, component: str) -> str:
+    """The hash of the checkpoint files `component` is made from (`Checkpoint.weights_hash`)."""
+    return checkpoint.weights_hash(COMPONENT_PARTS[component])
 
 
 def tool_versions(exporter: str) -> dict[str, str]:

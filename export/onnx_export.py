@@ -1,6 +1,6 @@
 """Export a Ruyi checkpoint's components to ONNX graphs, cached by content, written atomically.
 
-`export_checkpoint(checkpoint_dir, out_dir, settings)` writes `out_dir/<graph>.onnx` (plus one
+`export_checkpoint(checkpoint, out_dir, settings)` writes `out_dir/<graph>.onnx` (plus one
 `<graph>.onnx.data` for graphs over 2 GB) and `out_dir/manifest.json` (schema in export/manifest.py).
 Per component it: hashes the checkpoint files, skips the component when the manifest already lists it
 with the same hash and settings, otherwise loads the model, traces every graph of the component into a
@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..deps import require
+from ..models.checkpoint import Checkpoint
 from . import graph_passes, manifest
 from .specs import EXPORT_DTYPES, TORCH_DTYPES, ExportSpec
 
@@ -92,20 +93,21 @@ class ExportResult:
 
 
 def export_checkpoint(
-    checkpoint_dir: str | Path,
+    checkpoint: Checkpoint | str | Path,
     out_dir: str | Path,
     settings: ExportSettings = ExportSettings(),
     components: Sequence[str] = COMPONENTS,
     progress: bool = True,
 ) -> ExportResult:
-    """Export `components` of the checkpoint in `checkpoint_dir` into `out_dir` (see the module docstring)."""
+    """Export `components` of `checkpoint` (or the checkpoint folder it names) into `out_dir` (see the module
+    docstring)."""
     settings.validate()
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise ValueError(f"components: {unknown or '[]'} not supported; choose from {COMPONENTS}.")
     require("onnx", "ONNX export")
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    hashes = {c: manifest.component_hash(checkpoint_dir, c) for c in components}  # fails early on missing files
+    checkpoint, out_dir = Checkpoint.resolve(checkpoint, download=False), Path(out_dir)
+    hashes = {c: manifest.component_hash(checkpoint, c) for c in components}  # fails early on missing files
     data = manifest.read_manifest(out_dir)
     result = ExportResult(out_dir, data)
     for component in components:
@@ -115,7 +117,7 @@ def export_checkpoint(
             result.reused.append(component)
             continue
         started = time.perf_counter()
-        graphs = _export_component(checkpoint_dir, out_dir, component, settings, progress)
+        graphs = _export_component(checkpoint, out_dir, component, settings, progress)
         previous = data["components"].get(component, {}).get("graphs", {})
         data["components"][component] = {
             "checkpoint_hash": hashes[component],
@@ -130,7 +132,7 @@ def export_checkpoint(
     return result
 
 
-def ensure_exported(checkpoint_dir: str | Path, settings: ExportSettings, components: Sequence[str] = COMPONENTS,
+def ensure_exported(checkpoint: Checkpoint | str | Path, settings: ExportSettings, components: Sequence[str] = COMPONENTS,
                     progress: bool = True) -> Path:  # fmt: skip
     """The artifact-cache folder `cache_root()/onnx/<key>` holding current graphs, exporting what is missing.
 
@@ -139,38 +141,35 @@ def ensure_exported(checkpoint_dir: str | Path, settings: ExportSettings, compon
     from ..models.presets import cache_root
 
     settings.validate()
+    checkpoint = Checkpoint.resolve(checkpoint, download=False)
     key = hashlib.sha256()
     for component in components:
-        key.update(f"{component}={manifest.component_hash(checkpoint_dir, component)};".encode())
+        key.update(f"{component}={manifest.component_hash(checkpoint, component)};".encode())
     key.update(repr(sorted(asdict(settings).items())).encode())
     out_dir = cache_root() / "onnx" / key.hexdigest()[:16]
-    export_checkpoint(checkpoint_dir, out_dir, settings, components, progress)
+    export_checkpoint(checkpoint, out_dir, settings, components, progress)
     return out_dir
 
 
 def component_graphs(
-    checkpoint_dir: Path, component: str, settings: ExportSettings
+    checkpoint: Checkpoint, component: str, settings: ExportSettings
 ) -> list[tuple[ExportSpec, torch.nn.Module]]:
     """(spec, export wrapper) for every graph of `component`, with the weights loaded in the export dtype."""
-    from ..models.image_encoder import CLIPImageEncoder, vision_geometry
-    from ..models.transformer import RuyiTransformer3D
-    from ..models.vae import RuyiVAE
     from . import specs, wrappers
 
     dtype_name = EXPORT_DTYPES[settings.dtype]
     dtype = TORCH_DTYPES[dtype_name]
     if component == "transformer":
-        model = RuyiTransformer3D.from_pretrained(checkpoint_dir / "transformer", dtype=dtype)
-        vae_config = _vae_config(checkpoint_dir)
-        clip_tokens = vision_geometry(checkpoint_dir / "image_encoder")[1]
+        model = checkpoint.load_transformer(dtype)
+        clip_tokens = checkpoint.clip_geometry[1]
         if not settings.per_block:
             return [
                 (
-                    specs.transformer_spec(model.config, vae_config, dtype_name, clip_tokens),
+                    specs.transformer_spec(model.config, checkpoint.vae, dtype_name, clip_tokens),
                     wrappers.TransformerGraph(model),
                 )
             ]
-        embed, plain, skip, unembed = specs.transformer_stage_specs(model.config, vae_config, dtype_name, clip_tokens)
+        embed, plain, skip, unembed = specs.transformer_stage_specs(model.config, checkpoint.vae, dtype_name, clip_tokens)
         block = lambda has_skip: model.blocks[specs.example_block_index(model.config, has_skip)]
         return [
             (embed, wrappers.TransformerEmbedGraph(model)),
@@ -179,30 +178,23 @@ def component_graphs(
             (unembed, wrappers.TransformerUnembedGraph(model)),
         ]
     if component in ("vae-encoder", "vae-decoder"):
-        vae = RuyiVAE.from_pretrained(checkpoint_dir / "vae", dtype=dtype)
+        vae = checkpoint.load_vae(dtype)
         if component == "vae-encoder":
             return [(specs.vae_encoder_spec(vae.config, dtype_name), wrappers.VAEEncoderGraph(vae))]
         chunk, one_frame = specs.vae_decoder_specs(vae.config, dtype_name)
         return [(chunk, wrappers.VAEDecoderGraph(vae)), (one_frame, wrappers.VAEDecoderOneFrameGraph(vae))]
-    encoder = CLIPImageEncoder.from_pretrained(checkpoint_dir / "image_encoder", dtype=dtype)
+    encoder = checkpoint.load_image_encoder(dtype)
     spec = specs.image_encoder_spec(encoder.image_size, encoder.num_tokens, encoder.hidden_size, dtype_name)
     return [(spec, wrappers.ImageEncoderGraph(encoder))]
 
 
-def _vae_config(checkpoint_dir: Path):
-    from ..models.checkpoint_io import read_config
-    from ..models.vae_config import VAEConfig
-
-    return VAEConfig.from_dict(read_config(checkpoint_dir / "vae"), source=str(checkpoint_dir / "vae" / "config.json"))
-
-
-def _export_component(checkpoint_dir: Path, out_dir: Path, component: str, settings: ExportSettings,
+def _export_component(checkpoint: Checkpoint, out_dir: Path, component: str, settings: ExportSettings,
                       progress: bool) -> dict:  # fmt: skip
     """Export every graph of `component` into a temp folder, then move the files into `out_dir`."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{component}.", dir=out_dir.parent))
     try:
-        graphs = component_graphs(checkpoint_dir, component, settings)
+        graphs = component_graphs(checkpoint, component, settings)
         entries = {}
         for spec, module in tqdm(graphs, desc=f"export {component}", unit="graph", disable=not progress):
             started = time.perf_counter()

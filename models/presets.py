@@ -138,8 +138,11 @@ def full_random_transformer(
     return randomize_(model, seed, keep=set(fixed)).eval().requires_grad_(False)
 
 
-# CLIP ViT-L/14 at 336 px (architecture doc section 4): 24 x 24 = 576 tokens of width 1024.
-FULL_CLIP = {"image_size": 336, "patch_size": 14, "num_layers": 24, "num_heads": 16}
+# CLIP ViT-L/14 at 336 px, vision tower only (architecture doc section 4): 24 x 24 = 576 tokens of width 1024,
+# as image_encoder/config.json would say it
+FULL_CLIP_CONFIG = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                    "projection_dim": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
+                    "patch_size": 14, "hidden_act": "quick_gelu"}  # fmt: skip
 
 
 def full_random_vae(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> RuyiVAE:
@@ -154,5 +157,9 @@ def full_random_image_encoder(
     device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 2
 ) -> CLIPImageEncoder:
     """The full-size CLIP image encoder (ViT-L/14-336, vision tower only) with random weights on `device`."""
-    encoder = build_random_image_encoder(hidden_size=TransformerConfig.full().projection_dim, seed=seed, **FULL_CLIP)
+    clip = FULL_CLIP_CONFIG
+    encoder = build_random_image_encoder(
+        hidden_size=clip["hidden_size"], image_size=clip["image_size"], patch_size=clip["patch_size"],
+        num_layers=clip["num_hidden_layers"], num_heads=clip["num_attention_heads"], seed=seed,
+    )  # fmt: skip
     return encoder.to(device=device, dtype=dtype)

@@ -242,10 +242,16 @@ class RuyiTransformer3D(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        config: TransformerConfig | None = None,
     ) -> RuyiTransformer3D:
-        """Load a `transformer/` folder (config.json + safetensors) strictly; missing fixed tables are computed."""
-        config = TransformerConfig.from_dict(read_config(folder), source=str(Path(folder) / "config.json"))
+        """Load a `transformer/` folder (config.json + safetensors) strictly; missing fixed tables are computed.
+        `config` is the folder's config when the caller has read it already."""
+        if config is None:
+            config = TransformerConfig.from_dict(read_config(folder), source=str(Path(folder) / "config.json"))
         with torch.device("meta"):
             model = cls(config)
         load_into(

@@ -121,10 +121,16 @@ class RuyiVAE(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        config: VAEConfig | None = None,
     ) -> RuyiVAE:
-        """Load `folder/config.json` and its safetensors strictly (built on the meta device, no copy)."""
-        config = VAEConfig.from_dict(read_config(folder), source=str(Path(folder) / "config.json"))
+        """Load `folder/config.json` and its safetensors strictly (built on the meta device, no copy).
+        `config` is the folder's config when the caller has read it already."""
+        if config is None:
+            config = VAEConfig.from_dict(read_config(folder), source=str(Path(folder) / "config.json"))
         with torch.device("meta"):
             model = cls(config)
         return load_into(model, load_weights(folder), source=str(folder), dtype=dtype, device=device)

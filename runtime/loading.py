@@ -1,7 +1,9 @@
-"""`load_pipeline`: a checkpoint folder + runtime options (+ a memory plan) -> a ready `RuyiPipeline`.
+"""How to run a checkpoint: `RuntimeOptions`, the memory plan for a video, and loading the four components.
 
-`load_random_pipeline` builds the same pipeline over the full Ruyi-Mini-7B architecture with random
-weights (the `full-random` model: benchmarks and memory checks without the 17 GB download).
+`load_components(checkpoint, options, plan)` builds the backends `runtime.pipeline.RuyiPipeline` calls: PyTorch
+modules (with LoRA, FP8 storage and the block runner that executes the memory plan), ONNX Runtime sessions over
+the exported graphs, or TensorRT engines from `ruyi-trt build`. `memory_plan` makes the plan from configs alone,
+so it also works without the weights (`ruyi-trt run --plan-only`).
 """
 
 from __future__ import annotations
@@ -12,24 +14,27 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint_io import read_config
-from ..models.control_embeddings import ControlEmbeddings, load_control_embeddings
-from ..models.image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
-from ..models.transformer import RuyiTransformer3D, TransformerConfig
-from ..models.vae import RuyiVAE
-from ..models.vae_config import VAEConfig
+from ..models.checkpoint import Checkpoint
 from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, store_weights_fp8
 from ..weights.lora import load_lora, merge_lora
 from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
 from .backends.protocol import Components
 from .backends.torch_backend import torch_components
-from .memory.plan import PLAN_MODES, MemoryPlan, PlanSettings, mode_settings
-from .pipeline import RuyiPipeline
+from .memory.model import ClipSpec
+from .memory.plan import (
+    PLAN_MODES,
+    MemoryPlan,
+    PlanRequest,
+    PlanSettings,
+    device_budget_bytes,
+    mode_settings,
+    plan_memory,
+)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("torch", "ort", "trt")  # ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: runtime/backends/trt_backend.py
+BACKENDS = ("torch", "ort", "trt")  # ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: trt_backend.py
 MEMORY_MODES = PLAN_MODES
 
 
@@ -60,6 +65,34 @@ class RuntimeOptions:
     lora_strength: float = 1.0
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
+
+    @classmethod
+    def make(
+        cls,
+        backend: str = "torch",
+        device: str | None = None,
+        dtype: str | None = None,
+        memory_mode: str = "auto",
+        vram_budget: float | None = None,
+        offload_steps: int | None = None,
+        fp8: str = "none",
+        fp8_storage: str = "fp8_e4m3fn",
+        teacache: float | None = None,
+        enhance_a_video: float | None = None,
+        lora: str | Path | None = None,
+        lora_strength: float = 1.0,
+    ) -> RuntimeOptions:
+        """Validated options from `RuyiPipeline.from_pretrained`'s keywords: device defaults to cuda when a GPU is
+        visible (else cpu), dtype to `default_dtype(device, backend)`."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        options = cls(
+            backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
+            offload_steps=offload_steps, fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache,
+            lora=str(lora) if lora is not None else None, lora_strength=lora_strength, vram_budget_gb=vram_budget,
+            enhance_a_video=enhance_a_video,
+        )  # fmt: skip
+        options.validate()
+        return options
 
     def validate(self) -> None:
         choices = {
@@ -115,106 +148,75 @@ def run_settings(options: RuntimeOptions, num_blocks: int, plan: MemoryPlan | No
         return plan.settings
     if options.memory_mode == "auto":
         if torch.device(options.device).type != "cpu":
-            raise ValueError("memory_mode auto needs a MemoryPlan for the video size (runtime.memory_plan."
-                             "plan_memory; generate_video makes one).")
+            raise ValueError("memory_mode auto needs a MemoryPlan for the video size (runtime.loading.memory_plan; "
+                             "RuyiPipeline makes one).")
         return mode_settings("full_gpu", options.offload_steps, num_blocks)
     return mode_settings(options.memory_mode, options.offload_steps, num_blocks)
 
 
-def pipeline_from_files(folder: Path, components: Components) -> RuyiPipeline:
-    """A `RuyiPipeline` over prepared components (ONNX Runtime, TensorRT); the configs, control embeddings and
-    CLIP preprocessing come from the checkpoint's files, no PyTorch weights are loaded."""
-    _, tokens, hidden = vision_geometry(folder / "image_encoder")
-    return RuyiPipeline(
-        components=components,
-        transformer_config=TransformerConfig.from_dict(read_config(folder / "transformer")),
-        vae_config=VAEConfig.from_dict(read_config(folder / "vae")),
-        embeddings=load_control_embeddings(folder / "embeddings.safetensors"),
-        scheduler_config=read_config(folder / "scheduler", "scheduler_config.json"),
-        clip_processor_config=read_config(folder / "image_encoder", PREPROCESSOR_NAME),
-        clip_tokens=(tokens, hidden),
-    )
+def plan_depends_on_video(options: RuntimeOptions) -> bool:
+    """Whether the memory plan (and so what is loaded) depends on the video size: memory_mode auto on the torch or
+    TensorRT backend with a CUDA device or a --vram-budget to plan for."""
+    planned = options.vram_budget_gb is not None or torch.device(options.device).type == "cuda"
+    return options.memory_mode == "auto" and options.backend != "ort" and planned
 
 
-def load_pipeline(
-    folder: str | Path, options: RuntimeOptions = RuntimeOptions(), plan: MemoryPlan | None = None
-) -> RuyiPipeline:
-    """Load every component of the checkpoint in `folder` and wrap it for `options.backend`."""
+def memory_plan(
+    checkpoint: Checkpoint,
+    options: RuntimeOptions,
+    height: int,
+    width: int,
+    frames: int,
+    cfg: bool,
+    steps: int,
+    plan_only: bool = False,
+) -> MemoryPlan | None:
+    """The memory plan for a video of `frames` (already rounded) x `height` x `width`, from configs alone.
+
+    None when there is nothing to plan for: memory_mode auto with neither a CUDA GPU nor --vram-budget (the run
+    then stays in host memory); with `plan_only` that case raises instead."""
+    budget = device_budget_bytes(options.device, options.vram_budget_gb)
+    if budget is None and options.memory_mode == "auto":
+        if plan_only:
+            raise ValueError("no CUDA GPU is present to plan for: pass --vram-budget GB (e.g. 24) to plan for a card.")
+        log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
+        return None
+    request = PlanRequest(
+        height=height, width=width, frames=frames, cfg=cfg, dtype=options.dtype, fp8=options.fp8,
+        teacache=options.teacache_threshold is not None, steps=steps, memory_mode=options.memory_mode,
+        offload_steps=options.offload_steps, budget_bytes=budget,
+    )  # fmt: skip
+    return plan_memory(checkpoint.transformer, checkpoint.vae, ClipSpec.from_config(checkpoint.image_encoder), request)
+
+
+def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: MemoryPlan | None = None) -> Components:
+    """Load the checkpoint's four components for `options.backend`, following `plan` (torch and TensorRT)."""
     options.validate()
-    folder = Path(folder)
     if options.backend == "ort":
         from .backends.ort_backend import ort_components
 
-        # a memory plan does not apply: ONNX Runtime places its own memory
-        return pipeline_from_files(folder, ort_components(folder, options.device, options.dtype))
+        return ort_components(checkpoint, options.device, options.dtype)  # ONNX Runtime places its own memory
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
         budget = plan.trt_weight_streaming_budget_bytes if plan is not None else None
         lora = (options.lora, options.lora_strength) if options.lora else None
-        return pipeline_from_files(folder, trt_components(folder, str(folder), options.dtype, budget, False, lora))
+        return trt_components(checkpoint, options.dtype, budget, False, lora)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
-    config = TransformerConfig.from_dict(read_config(folder / "transformer"))
-    settings = run_settings(options, config.num_layers, plan)
+    settings = run_settings(options, checkpoint.transformer.num_layers, plan)
     # Models are loaded to the host first whenever something stays there between uses.
-    all_resident = not settings.offload_models and settings.resident_blocks == config.num_layers
+    all_resident = not settings.offload_models and settings.resident_blocks == checkpoint.transformer.num_layers
     load_device = device if (device.type == "cuda" and all_resident) else torch.device("cpu")
-
-    transformer = RuyiTransformer3D.from_pretrained(folder / "transformer", dtype=dtype, device=load_device)
-    vae = RuyiVAE.from_pretrained(folder / "vae", dtype=dtype, device=load_device)
-    image_encoder = CLIPImageEncoder.from_pretrained(folder / "image_encoder", dtype=dtype, device=load_device)
-    return _assemble(
-        transformer, vae, image_encoder, load_control_embeddings(folder / "embeddings.safetensors"),
-        read_config(folder / "scheduler", "scheduler_config.json"), options, settings,
-    )  # fmt: skip
-
-
-def load_random_pipeline(
-    options: RuntimeOptions = RuntimeOptions(), plan: MemoryPlan | None = None, seed: int = 0
-) -> RuyiPipeline:
-    """The full Ruyi-Mini-7B architecture with random weights (the video is noise; for speed/memory checks)."""
-    from ..models.control_embeddings import make_random_control_embeddings
-    from ..models.image_encoder import build_random_image_encoder
-    from ..models.presets import full_random_transformer, randomize_
-    from ..models.scheduler import default_scheduler_config
-
-    options.validate()
-    device, dtype = torch.device(options.device), DTYPES[options.dtype]
-    config = TransformerConfig.full()
-    settings = run_settings(options, config.num_layers, plan)
-    all_resident = not settings.offload_models and settings.resident_blocks == config.num_layers
-    load_device = device if (device.type == "cuda" and all_resident) else torch.device("cpu")
-    log.info("building the full architecture with random weights on %s", load_device)
-    transformer = full_random_transformer(device=load_device, dtype=dtype, seed=seed)
-    vae = randomize_(RuyiVAE(VAEConfig.full()).to(load_device, dtype), seed + 1).eval().requires_grad_(False)
-    image_encoder = build_random_image_encoder(
-        hidden_size=config.projection_dim, image_size=336, patch_size=14, num_layers=24, num_heads=16, seed=seed + 2
-    ).to(load_device, dtype)
-    embeddings = make_random_control_embeddings(
-        config.text_len, config.cross_attention_dim, config.text_len_t5, config.cross_attention_dim_t5, seed + 3
-    )
-    return _assemble(
-        transformer, vae, image_encoder, ControlEmbeddings(embeddings), default_scheduler_config(), options, settings
-    )
-
-
-def _assemble(
-    transformer: RuyiTransformer3D,
-    vae: RuyiVAE,
-    image_encoder: CLIPImageEncoder,
-    embeddings: ControlEmbeddings,
-    scheduler_config: dict,
-    options: RuntimeOptions,
-    settings: PlanSettings,
-) -> RuyiPipeline:
-    device, dtype = torch.device(options.device), DTYPES[options.dtype]
+    log.info("loading %s (%s) on %s", checkpoint.name, options.dtype, load_device)
+    transformer = checkpoint.load_transformer(dtype, load_device)
+    vae = checkpoint.load_vae(dtype, load_device)
+    image_encoder = checkpoint.load_image_encoder(dtype, load_device)
     if options.lora:
         merged = merge_lora(transformer, load_lora(options.lora), options.lora_strength)
         log.info("LoRA %s merged into %d layers (strength %s)", options.lora, len(merged), options.lora_strength)
     if options.fp8 != "none":
         count = store_weights_fp8(transformer, options.fp8, transformer.config.hidden_size, options.fp8_storage)
         log.info("FP8 (%s, %s): %d transformer layers stored in fp8", options.fp8, options.fp8_storage, count)
-
     offload_models = settings.offload_models and device.type == "cuda"
     denoiser = BlockRunner(
         transformer,
@@ -229,15 +231,6 @@ def _assemble(
             EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
         ),
     )
-    components = torch_components(
+    return torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
-    )
-    return RuyiPipeline(
-        components=components,
-        transformer_config=transformer.config,
-        vae_config=vae.config,
-        embeddings=embeddings,
-        scheduler_config=scheduler_config,
-        clip_processor_config=image_encoder.processor_config,
-        clip_tokens=(image_encoder.num_tokens, image_encoder.hidden_size),
     )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
+
+from ..models.geometry import closest_bucket, round_video_length
+
+ImageInput = Image.Image | str | Path
 
 CAMERAS = ("static", "left", "right", "up", "down", "auto")
 MOTIONS = ("1", "2", "3", "4", "auto")
@@ -28,6 +32,15 @@ def load_image(path: str | Path, argument: str = "image") -> Image.Image:
         raise ValueError(f"{argument}: {path} is not a readable image ({exc}); use a PNG or JPEG file.") from exc
 
 
+def load_images(images: ImageInput | Sequence[ImageInput] | None, argument: str) -> list[Image.Image]:
+    """PIL images (converted to RGB) from one image or path, or a list of them; None gives an empty list."""
+    if images is None:
+        return []
+    if isinstance(images, (Image.Image, str, Path)):
+        images = [images]
+    return [item.convert("RGB") if isinstance(item, Image.Image) else load_image(item, argument) for item in images]
+
+
 @dataclass
 class VideoRequest:
     """One image-to-video job. `size` (height, width), multiples of 16, overrides the resolution bucket."""
@@ -44,6 +57,22 @@ class VideoRequest:
     scheduler: str = "DDIM"
     clip_apply_ratio: float = 0.4
     size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_inputs(
+        cls,
+        image: ImageInput | Sequence[ImageInput],
+        end_image: ImageInput | Sequence[ImageInput] | None = None,
+        **options: object,
+    ) -> VideoRequest:
+        """A request from images or image paths (one, or a list of up to 5 each) and the video options."""
+        return cls(start_images=load_images(image, "image"), end_images=load_images(end_image, "end_image"), **options)
+
+    def geometry(self, mini_batch_encoder: int) -> tuple[int, int, int]:
+        """(height, width, frames) of the video to make: `size`, else the first start image's aspect bucket at
+        `resolution`; frames rounded down to whole VAE chunks of `mini_batch_encoder` (or exactly 1)."""
+        height, width = self.size or closest_bucket(*self.start_images[0].size, self.resolution)
+        return height, width, round_video_length(self.frames, mini_batch_encoder)
 
     def __post_init__(self) -> None:
         self.start_images = list(self.start_images)

@@ -63,6 +63,21 @@ def _pad_to_even(frames: torch.Tensor) -> torch.Tensor:
     return frames
 
 
+def check_output_path(path: str | Path, argument: str, suffix: str | None = None) -> Path:
+    """Fail early (ValueError naming `argument`) when `path` cannot be written: a wrong suffix, or no writable
+    folder to hold it. Nothing is created."""
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ValueError(f"{argument}: {path} must end in {suffix}")
+    folder = path.parent if suffix is not None else path
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"{argument}: cannot write into {existing} (for {path}); choose another location.")
+    return path
+
+
 def _writable(path: Path, write: Callable[[Path], None]) -> Path:
     """Run `atomic_write(path, write)`, turning a folder that cannot be written into a clear error."""
     try:

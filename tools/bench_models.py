@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..models.checkpoint_io import read_config
 from ..models.transformer import TransformerConfig, rotary_embedding
 from ..models.vae_config import VAEConfig
 from ..runtime.backends.protocol import Backend, Denoiser
 from .fast_paths import FAST_PATHS, wrap_denoiser
 from .flops import FlopCount, transformer_flops
+
+if TYPE_CHECKING:
+    from ..models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -105,35 +107,32 @@ class Session:
 
 
 class CheckpointModel:
-    """A checkpoint folder (or the tiny preset), loaded through runtime.loading once per backend."""
+    """A checkpoint folder (or the tiny preset), loaded through the public pipeline once per backend."""
 
-    def __init__(self, folder: Path, device: torch.device, dtype: str):
-        self.folder, self.device, self.dtype = folder, device, dtype
-        self.transformer_config = TransformerConfig.from_dict(read_config(folder / "transformer"))
-        self.vae_config = VAEConfig.from_dict(read_config(folder / "vae"))
-        self.name = str(folder)
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: str):
+        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+        self.transformer_config, self.vae_config = checkpoint.transformer, checkpoint.vae
+        self.name = str(checkpoint.folder)
 
     def unsupported(self, stage: str) -> str | None:
         return None
 
     def open(self, status: BackendStatus) -> Session:
-        from ..runtime import loading
+        from ..runtime.pipeline import RuyiPipeline
 
         path = FAST_PATHS.get(status.name)
-        options = loading.RuntimeOptions(
-            backend="torch" if path else status.name,
-            device=str(self.device),
-            dtype=self.dtype,
+        pipeline = RuyiPipeline.from_pretrained(
+            self.checkpoint, backend="torch" if path else status.name, device=str(self.device), dtype=self.dtype,
             memory_mode=path.memory_mode if path else "full_gpu",
-        )
-        pipeline = loading.load_pipeline(self.folder, options)
+        )  # fmt: skip
         comps = pipeline.components
         if path:
             comps.denoiser = wrap_denoiser(path, comps.denoiser, self.device, DTYPES[self.dtype])
+        image_size, tokens, hidden = self.checkpoint.clip_geometry
         return Session(
             comps.image_encoder, comps.vae_encoder, comps.vae_decoder, comps.denoiser,
-            clip_tokens=pipeline.clip_tokens,
-            clip_image_size=int(pipeline.clip_processor_config["crop_size"]["height"]),
+            clip_tokens=(tokens, hidden),
+            clip_image_size=int(self.checkpoint.image_processor["crop_size"]["height"]),
             close=comps.close,
             pipeline=pipeline,
         )  # fmt: skip
@@ -226,9 +225,9 @@ def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, .
     """`tiny`, `full-random` or a checkpoint folder -> a model that opens one Session per backend."""
     if spec == FULL_RANDOM:
         return FullRandomModel(device, dtype, stages)
-    from ..runtime.model_source import resolve_model
+    from ..models.checkpoint import Checkpoint
 
-    return CheckpointModel(resolve_model(spec, download=False), device, dtype)
+    return CheckpointModel(Checkpoint.resolve(spec, download=False), device, dtype)
 
 
 def denoiser_inputs(
@@ -313,11 +312,8 @@ def _scaled(flops: FlopCount, steps: int) -> FlopCount:
 
 
 def _run_call(pipeline, shape: Shape, steps: int) -> Callable[[], object]:
-    from ..runtime.request import VideoRequest
     from ..testing import gradient_image
 
-    request = VideoRequest(
-        start_images=[gradient_image(shape.width, shape.height)],
-        frames=shape.frames, size=(shape.height, shape.width), steps=steps, seed=0,
-    )  # fmt: skip
-    return lambda: pipeline(request, progress=False)
+    image = gradient_image(shape.width, shape.height)
+    return lambda: pipeline(image, frames=shape.frames, size=(shape.height, shape.width), steps=steps, seed=0,
+                            progress=False)  # fmt: skip

@@ -25,6 +25,7 @@ from ruyi_trt.export import (
 from ruyi_trt.export.manifest import read_manifest
 from ruyi_trt.export.onnx_export import component_graphs
 from ruyi_trt.export.specs import transformer_spec, vae_decoder_specs
+from ruyi_trt.models.checkpoint import Checkpoint
 from ruyi_trt.models.checkpoint_io import CheckpointError
 from ruyi_trt.models.transformer import TransformerConfig
 from ruyi_trt.models.vae_config import VAEConfig
@@ -118,7 +119,7 @@ def test_ort_matches_torch_at_untraced_shapes(tiny_dir: Path, exported_dir: Path
     """fp32: ORT CPU vs the PyTorch wrapper at two shapes unlike the traced one; max abs err <= 1e-4 x scale."""
     graphs = {
         spec.name: (spec, module)
-        for spec, module in component_graphs(tiny_dir, GRAPH_COMPONENT[name], ExportSettings())
+        for spec, module in component_graphs(Checkpoint.resolve(tiny_dir), GRAPH_COMPONENT[name], ExportSettings())
     }
     spec, module = graphs[name]
     session = OrtGraph(exported_dir / f"{name}.onnx", CPU)
@@ -134,7 +135,7 @@ def test_per_block_graphs_chain_to_the_whole_model(tiny_dir: Path, per_block_dir
     PyTorch transformer at an untraced shape; fp32, max abs err <= 1e-4 x scale."""
     names = ["transformer_block_plain", "transformer_block_skip", "transformer_embed", "transformer_unembed"]
     assert sorted(p.stem for p in per_block_dir.glob("*.onnx")) == names
-    (spec, whole), *_ = component_graphs(tiny_dir, "transformer", ExportSettings())
+    (spec, whole), *_ = component_graphs(Checkpoint.resolve(tiny_dir), "transformer", ExportSettings())
     model, config = whole.model, whole.model.config
     inputs = spec.sample_inputs(_with_grid({"batch": 2, "latent_frames": 4, "grid_height": 3, "grid_width": 5}), seed=7)
     graph = {
@@ -225,7 +226,7 @@ def test_dynamo_exporter_matches_torch(tiny_dir: Path, tmp_path: Path) -> None:
     export_checkpoint(
         tiny_dir, tmp_path, ExportSettings(exporter="dynamo"), components=["image-encoder"], progress=False
     )
-    ((spec, module),) = component_graphs(tiny_dir, "image-encoder", ExportSettings())
+    ((spec, module),) = component_graphs(Checkpoint.resolve(tiny_dir), "image-encoder", ExportSettings())
     model = onnx.load(str(tmp_path / "image_encoder.onnx"))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     inputs = spec.sample_inputs({"batch": 3}, seed=2)

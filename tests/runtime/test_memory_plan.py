@@ -117,6 +117,15 @@ def test_cli_plan_only_full_random() -> None:
     assert no_gpu.exit_code != 0 and "--vram-budget" in no_gpu.output
 
 
+def test_cli_plan_only_needs_a_size_not_an_image() -> None:
+    args = ["run", "--plan-only", "--model", "full-random", "--size", "768x768", "--frames", "120", "--vram-budget", "24"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Memory plan (auto) for 768x768, 120 frames" in result.output
+    neither = CliRunner().invoke(main, ["run", "--plan-only", "--model", "full-random", "--vram-budget", "24"])
+    assert neither.exit_code != 0 and "--size" in neither.output
+
+
 def test_cli_prints_the_plan_before_a_tiny_run(tmp_path: Path, start_png: Path) -> None:
     out = tmp_path / "video.mp4"
     args = ["run", "--model", "tiny", "--image", str(start_png), "--frames", "8", "--size", "64x96",
