@@ -72,3 +72,25 @@ def test_the_plan_only_depends_on_the_video_when_a_plan_applies() -> None:
     assert not plan_depends_on_video(RuntimeOptions()) and not plan_depends_on_video(RuntimeOptions(memory_mode="auto"))
     assert plan_depends_on_video(RuntimeOptions(memory_mode="auto", vram_budget_gb=8))
     assert not plan_depends_on_video(RuntimeOptions(memory_mode="auto", vram_budget_gb=8, backend="ort"))
+
+
+def test_one_run_reads_each_config_file_once(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's five config files (transformer, vae, CLIP + its preprocessor, scheduler) are read once, by
+    `Checkpoint`, for loading and a whole run; nothing below it reads them again."""
+    import sys
+
+    from ruyi_trt.models import checkpoint_io
+
+    original, calls = checkpoint_io.read_config, []
+
+    def counting(folder, name=checkpoint_io.CONFIG_NAME):
+        calls.append(f"{Path(folder).name}/{name}")
+        return original(folder, name)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "read_config", None) is original:
+            monkeypatch.setattr(module, "read_config", counting)
+    pipe = pipeline_module.RuyiPipeline.from_pretrained(tiny_dir, device="cpu", memory_mode="full_gpu")
+    pipe(gradient_image(96, 64), frames=8, size=(64, 96), steps=1, progress=False)
+    assert sorted(calls) == ["image_encoder/config.json", "image_encoder/preprocessor_config.json",
+                             "scheduler/scheduler_config.json", "transformer/config.json", "vae/config.json"]
