@@ -176,7 +176,7 @@ class BlockRunner:
                 self._state.residual = x - x_in
         else:
             x = x_in + self._state.residual
-        out = model.unpatchify(model.proj_out(x), embedded.num_frames, embedded.grid_height, embedded.grid_width)
+        out = model.project(x, embedded.temb, embedded.num_frames, embedded.grid_height, embedded.grid_width)
         if self._calls_left is not None:
             self._calls_left -= 1
             if self._calls_left == 0 and self.offload_between_runs:
