@@ -30,13 +30,15 @@ def doctor() -> None:
 @click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(dir_okay=False), help="Output mp4 (H.264, 24 fps).")
 @click.option("--frames-dir", default=None, type=click.Path(file_okay=False), help="Also write every frame as PNG into this folder.")
 @click.option("--frames", default=120, show_default=True, help="Video length, 1..120 (rounded down to a multiple of 8).")
-@click.option("--resolution", default=512, show_default=True, type=click.Choice(["512", "768"]), help="Base resolution of the aspect-ratio buckets.")
+@click.option("--resolution", default=512, show_default=True, type=int, help="Base resolution of the aspect-ratio buckets, 384..1024 in steps of 16 (512 and 768 are the trained sizes).")
 @click.option("--size", default=None, help="Explicit HEIGHTxWIDTH (multiples of 16) instead of the bucket, e.g. 384x672.")
 @click.option("--camera", default="static", show_default=True, type=click.Choice(["static", "left", "right", "up", "down", "auto"]))
 @click.option("--motion", default="2", show_default=True, type=click.Choice(["1", "2", "3", "4", "auto"]), help="Motion amplitude.")
+@click.option("--aspect-ratio", default="16:9", show_default=True, help="Aspect key of the control embeddings (p.16x9movie...); the original always uses 16:9, whatever the video's shape.")
 @click.option("--steps", default=25, show_default=True, help="Denoising steps.")
 @click.option("--cfg", "guidance_scale", default=7.0, show_default=True, help="Classifier-free guidance scale (<= 1 turns CFG off).")
 @click.option("--seed", default=42, show_default=True)
+@click.option("--noise-device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where the seeded noise is drawn: cpu gives the same video on every machine; cuda draws as the original (torch.Generator('cuda')), so a seed gives its video on the same GPU.")
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
@@ -46,15 +48,22 @@ def doctor() -> None:
 @click.option("--vram-budget", "vram_budget_gb", default=None, type=float, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
 @click.option("--plan-only", is_flag=True, help="Print the memory plan and exit (reads configs only, no weights).")
 @click.option("--fp8", default="none", show_default=True, type=click.Choice(["none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer.")
-@click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
+@click.option("--fp8-storage", default="auto", show_default=True, type=click.Choice(["auto", "fp8_e4m3fn", "fp8_e5m2"]), help="auto: fp8_e4m3fn, as the original.")
 @click.option("--teacache", "teacache_threshold", default=None, type=float, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
-@click.option("--enhance-a-video", "enhance_a_video", default=None, type=float, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
-@click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
-@click.option("--lora-strength", default=1.0, show_default=True)
+@click.option("--teacache-skip-start", default=None, type=int, help="TeaCache: the first N steps are always computed (>= 1; default 3).")
+@click.option("--teacache-skip-end", default=None, type=int, help="TeaCache: the last N steps are always computed (>= 1; default 1).")
+@click.option("--teacache-offload-cpu/--no-teacache-offload-cpu", default=None, help="TeaCache: keep its cached tensors in host memory (default: yes, as the original).")
+@click.option("--enhance-a-video", "enhance_a_video", default=None, type=float, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score; torch backend only, off when omitted.")
+@click.option("--enhance-a-video-skip-start", default=None, type=int, help="Enhance-A-Video: not on the first N steps (default 0).")
+@click.option("--enhance-a-video-skip-end", default=None, type=int, help="Enhance-A-Video: not on the last N steps (default 0).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", help="LoRA safetensors file merged into the transformer; repeat to chain several, each with its own strength (a.safetensors:0.8 --lora b.safetensors:0.5).")
+@click.option("--lora-strength", default=1.0, show_default=True, help="Strength of the --lora files given without one.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
-        seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress) -> None:
+def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, aspect_ratio, steps,
+        guidance_scale, seed, noise_device, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb,
+        plan_only, fp8, fp8_storage, teacache_threshold, teacache_skip_start, teacache_skip_end, teacache_offload_cpu,
+        enhance_a_video, enhance_a_video_skip_start, enhance_a_video_skip_end, loras, lora_strength,
+        no_progress) -> None:  # fmt: skip
     """Generate a video from a start image (and optionally an end image)."""
     from .models.checkpoint import Checkpoint
     from .models.checkpoint_io import CheckpointError
@@ -67,12 +76,15 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         dtype = dtype or "bf16"  # plan for the GPU run, also from a machine without one
     run_options = dict(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
-        fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
-        lora_strength=lora_strength, vram_budget=vram_budget_gb,
+        fp8_storage=fp8_storage, teacache=teacache_threshold, teacache_skip_start=teacache_skip_start,
+        teacache_skip_end=teacache_skip_end, teacache_offload_cpu=teacache_offload_cpu, enhance_a_video=enhance_a_video,
+        enhance_a_video_skip_start=enhance_a_video_skip_start, enhance_a_video_skip_end=enhance_a_video_skip_end,
+        lora=[_parse_lora(text, lora_strength) for text in loras] or None, vram_budget=vram_budget_gb,
     )  # fmt: skip
     video_options = dict(
-        frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
-        guidance_scale=guidance_scale, seed=seed, scheduler=scheduler,
+        frames=frames, resolution=resolution, size=_parse_size(size), camera=camera, motion=motion,
+        aspect_ratio=aspect_ratio, steps=steps, guidance_scale=guidance_scale, seed=seed, noise_device=noise_device,
+        scheduler=scheduler,
     )  # fmt: skip
     try:
         if plan_only:
@@ -92,6 +104,9 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
             check_output_path(frames_dir, "--frames-dir")
         request = VideoRequest.from_inputs(list(images), list(end_images) or None, **video_options)
         pipe = RuyiPipeline.from_pretrained(model, **run_options)
+        note = request.frames_note(pipe.vae_config.mini_batch_encoder)
+        if note:
+            click.echo(f"note: {note}")
         plan = pipe.plan(request)
         if plan is not None:
             click.echo(plan.describe())
@@ -222,6 +237,17 @@ def build(model, precision, resolution, frames, batch, per_block, weight_streami
         raise click.ClickException(str(exc)) from exc
     for graph, folder in result.engines.items():
         click.echo(f"{graph}: {'built' if graph in result.built else 'cached'} {folder}")
+
+
+def _parse_lora(text: str, default_strength: float) -> tuple[str, float]:
+    """'file.safetensors:0.8' -> (file, 0.8); a file without ':STRENGTH' gets `default_strength`."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass  # a ':' inside the path (e.g. C:\loras\a.safetensors)
+    return text, default_strength
 
 
 def _parse_size(size: str | None) -> tuple[int, int] | None:

@@ -9,13 +9,14 @@ so it also works without the weights (`ruyi-trt run --plan-only`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..models.checkpoint import Checkpoint
-from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, store_weights_fp8
+from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, resolve_fp8_storage, store_weights_fp8
 from ..weights.lora import load_lora, merge_lora
 from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
 from .backends.protocol import Components
@@ -38,6 +39,9 @@ BACKENDS = ("torch", "ort", "trt")  # ort: runtime/backends/ort_backend.py over 
 MEMORY_MODES = PLAN_MODES
 
 
+LoraSpec = tuple[str, float]  # (path of a kohya-style .safetensors file, strength)
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How to run: backend, device, dtype and the reference's memory/speed options.
@@ -48,9 +52,10 @@ class RuntimeOptions:
     and the device budget (`runtime.memory_plan`). offload_steps is the reference's GPU_offload_steps
     (long-skip activations moved to the host in groups of k; None: 0, or the planner's choice in auto).
     vram_budget_gb caps what the plan may use (GiB; default: the GPU's free memory).
-    enhance_a_video is Enhance-A-Video's weight (None: off; torch backend only): every block's self-attention
-    output is scaled by a temporal score on every step (the reference's defaults, no skipped steps;
-    `runtime.block_runner.EnhanceAVideoSettings`).
+    teacache_*: TeaCache (threshold None: off) with the reference's skip_start_steps, skip_end_steps (each >= 1)
+    and offload_cpu (its cached tensors kept in host memory). enhance_a_video is Enhance-A-Video's weight (None:
+    off; torch backend only) with the reference's skip_start_steps/skip_end_steps (`EnhanceAVideoSettings`).
+    loras: LoRAs merged in order, each with its own strength (the reference's LoRA list).
     """
 
     backend: str = "torch"
@@ -61,10 +66,14 @@ class RuntimeOptions:
     fp8: str = "none"
     fp8_storage: str = "fp8_e4m3fn"
     teacache_threshold: float | None = None
-    lora: str | None = None
-    lora_strength: float = 1.0
+    teacache_skip_start: int = 3
+    teacache_skip_end: int = 1
+    teacache_offload_cpu: bool = True
+    loras: tuple[LoraSpec, ...] = ()
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
+    enhance_a_video_skip_start: int = 0
+    enhance_a_video_skip_end: int = 0
 
     @classmethod
     def make(
@@ -76,20 +85,38 @@ class RuntimeOptions:
         vram_budget: float | None = None,
         offload_steps: int | None = None,
         fp8: str = "none",
-        fp8_storage: str = "fp8_e4m3fn",
+        fp8_storage: str = "auto",
         teacache: float | None = None,
+        teacache_skip_start: int | None = None,
+        teacache_skip_end: int | None = None,
+        teacache_offload_cpu: bool | None = None,
         enhance_a_video: float | None = None,
-        lora: str | Path | None = None,
+        enhance_a_video_skip_start: int | None = None,
+        enhance_a_video_skip_end: int | None = None,
+        lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
         lora_strength: float = 1.0,
     ) -> RuntimeOptions:
         """Validated options from `RuyiPipeline.from_pretrained`'s keywords: device defaults to cuda when a GPU is
-        visible (else cpu), dtype to `default_dtype(device, backend)`."""
+        visible (else cpu), dtype to `default_dtype(device, backend)`, fp8_storage "auto" to fp8_e4m3fn.
+
+        `lora` is one LoRA file or a list of files and (file, strength) pairs, merged in that order; files given
+        without a strength get `lora_strength`. The TeaCache / Enhance-A-Video step options (None: the
+        reference's defaults) need their feature turned on."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tea = {"teacache_skip_start": teacache_skip_start, "teacache_skip_end": teacache_skip_end,
+               "teacache_offload_cpu": teacache_offload_cpu}  # fmt: skip
+        eav = {"enhance_a_video_skip_start": enhance_a_video_skip_start,
+               "enhance_a_video_skip_end": enhance_a_video_skip_end}  # fmt: skip
+        for feature, on, settings in (("teacache", teacache, tea), ("enhance_a_video", enhance_a_video, eav)):
+            given = sorted(name for name, value in settings.items() if value is not None)
+            if given and on is None:
+                raise ValueError(f"{', '.join(given)}: only apply with {feature} turned on; give {feature} too.")
         options = cls(
             backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
-            offload_steps=offload_steps, fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache,
-            lora=str(lora) if lora is not None else None, lora_strength=lora_strength, vram_budget_gb=vram_budget,
+            offload_steps=offload_steps, fp8=fp8, fp8_storage=resolve_fp8_storage(fp8_storage),
+            teacache_threshold=teacache, loras=lora_list(lora, lora_strength), vram_budget_gb=vram_budget,
             enhance_a_video=enhance_a_video,
+            **{name: value for name, value in {**tea, **eav}.items() if value is not None},
         )  # fmt: skip
         options.validate()
         return options
@@ -109,6 +136,13 @@ class RuntimeOptions:
             raise ValueError(f"offload_steps: {self.offload_steps} must be >= 0.")
         if self.teacache_threshold is not None and not 0.0 < self.teacache_threshold <= 1.0:
             raise ValueError(f"teacache_threshold: {self.teacache_threshold} must be within (0, 1].")
+        for name in ("teacache_skip_start", "teacache_skip_end"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 1 (the first and last steps are always "
+                                 "computed, as in the original).")  # fmt: skip
+        for name in ("enhance_a_video_skip_start", "enhance_a_video_skip_end"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 0.")
         if self.enhance_a_video is not None and not 0.0 <= self.enhance_a_video <= 100.0:
             raise ValueError(f"enhance_a_video: {self.enhance_a_video} must be within [0, 100] (the reference suggests < 10).")
         if self.enhance_a_video is not None and self.backend != "torch":
@@ -120,7 +154,7 @@ class RuntimeOptions:
             raise ValueError("dtype: bf16 is not supported by backend ort (ONNX Runtime's Python API has no bfloat16 "
                              "arrays); use fp16 or fp32.")
         if self.backend == "ort":
-            torch_only = {"fp8": self.fp8 != "none", "lora": self.lora is not None, "offload_steps": bool(self.offload_steps),
+            torch_only = {"fp8": self.fp8 != "none", "lora": bool(self.loras), "offload_steps": bool(self.offload_steps),
                           "teacache": self.teacache_threshold is not None,
                           "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # ORT places its own memory
             used = [name for name, on in torch_only.items() if on]
@@ -129,6 +163,36 @@ class RuntimeOptions:
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: cuda was requested but no CUDA GPU is visible; use --device cpu.")
+
+    @property
+    def teacache(self) -> TeaCacheSettings | None:
+        """The TeaCache settings to run with (None: off)."""
+        if self.teacache_threshold is None:
+            return None
+        return TeaCacheSettings(self.teacache_threshold, self.teacache_skip_start, self.teacache_skip_end,
+                                self.teacache_offload_cpu)  # fmt: skip
+
+    @property
+    def enhance_a_video_settings(self) -> EnhanceAVideoSettings | None:
+        """The Enhance-A-Video settings to run with (None: off)."""
+        if self.enhance_a_video is None:
+            return None
+        return EnhanceAVideoSettings(self.enhance_a_video, self.enhance_a_video_skip_start,
+                                     self.enhance_a_video_skip_end)  # fmt: skip
+
+
+def lora_list(
+    lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None, strength: float = 1.0
+) -> tuple[LoraSpec, ...]:
+    """((path, strength), ...) from one path, or a list of paths and (path, strength) pairs."""
+    if lora is None:
+        return ()
+    entries = [lora] if isinstance(lora, (str, Path)) else list(lora)
+    loras = []
+    for entry in entries:
+        path, value = (entry, strength) if isinstance(entry, (str, Path)) else entry
+        loras.append((str(path), float(value)))
+    return tuple(loras)
 
 
 def default_dtype(device: str, backend: str) -> str:
@@ -183,8 +247,9 @@ def memory_plan(
         return None
     request = PlanRequest(
         height=height, width=width, frames=frames, cfg=cfg, dtype=options.dtype, fp8=options.fp8,
-        teacache=options.teacache_threshold is not None, steps=steps, memory_mode=options.memory_mode,
-        offload_steps=options.offload_steps, budget_bytes=budget,
+        # TeaCache's cached tensors take device memory unless they are kept on the host (offload_cpu)
+        teacache=options.teacache_threshold is not None and not options.teacache_offload_cpu, steps=steps,
+        memory_mode=options.memory_mode, offload_steps=options.offload_steps, budget_bytes=budget,
     )  # fmt: skip
     return plan_memory(checkpoint.transformer, checkpoint.vae, ClipSpec.from_config(checkpoint.image_encoder), request)
 
@@ -200,8 +265,7 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
         from .backends.trt_backend import trt_components
 
         budget = plan.trt_weight_streaming_budget_bytes if plan is not None else None
-        lora = (options.lora, options.lora_strength) if options.lora else None
-        return trt_components(checkpoint, options.dtype, budget, False, lora)
+        return trt_components(checkpoint, options.dtype, budget, False, options.loras)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     settings = run_settings(options, checkpoint.transformer.num_layers, plan)
     # Models are loaded to the host first whenever something stays there between uses.
@@ -211,9 +275,9 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     transformer = checkpoint.load_transformer(dtype, load_device)
     vae = checkpoint.load_vae(dtype, load_device)
     image_encoder = checkpoint.load_image_encoder(dtype, load_device)
-    if options.lora:
-        merged = merge_lora(transformer, load_lora(options.lora), options.lora_strength)
-        log.info("LoRA %s merged into %d layers (strength %s)", options.lora, len(merged), options.lora_strength)
+    for path, strength in options.loras:  # in order, each rounded into the weights' dtype, as the reference
+        merged = merge_lora(transformer, load_lora(path), strength)
+        log.info("LoRA %s merged into %d layers (strength %s)", path, len(merged), strength)
     if options.fp8 != "none":
         count = store_weights_fp8(transformer, options.fp8, transformer.config.hidden_size, options.fp8_storage)
         log.info("FP8 (%s, %s): %d transformer layers stored in fp8", options.fp8, options.fp8_storage, count)
@@ -226,11 +290,12 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
         skip_offload_group=settings.skip_offload_group,
         cfg_split=settings.cfg_split,
         offload_between_runs=offload_models,
-        teacache=TeaCacheSettings(threshold=options.teacache_threshold) if options.teacache_threshold else None,
-        enhance_a_video=(
-            EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
-        ),
+        teacache=options.teacache,
+        enhance_a_video=options.enhance_a_video_settings,
     )
-    return torch_components(
+    components = torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
     )
+    if options.fp8 != "none":
+        components.precision["transformer"] = f"{options.dtype}, fp8 {options.fp8} weights ({options.fp8_storage})"
+    return components

@@ -1,4 +1,4 @@
-"""What one run reports: seconds per stage, peak device memory, peak host memory."""
+"""What one run reports: seconds per stage, the precision each model ran in, peak device and host memory."""
 
 from __future__ import annotations
 
@@ -8,22 +8,32 @@ from dataclasses import dataclass, field
 import torch
 
 
+REFERENCE_PRECISION = "bf16"  # the original runs every model in bf16 (under autocast)
+
+
 @dataclass
 class RunStats:
-    """Seconds per stage and peak device memory of one run."""
+    """Seconds per stage, the precision of each model (image_encoder, vae, transformer) and peak device memory
+    of one run."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     height: int = 0
     width: int = 0
     frames: int = 0
+    precision: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         stages = ", ".join(f"{name} {value:.2f}s" for name, value in self.seconds.items())
         memory = f", peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB" if self.peak_memory_bytes else ""
         host = _peak_host_gib()
         host_text = f", peak host RSS {host:.2f} GiB" if host is not None else ""
-        return f"{self.frames} frames {self.height}x{self.width}: {stages}{memory}{host_text}"
+        precision = ""
+        if self.precision:
+            precision = "; precision " + ", ".join(f"{name} {value}" for name, value in self.precision.items())
+            if any(not value.startswith(REFERENCE_PRECISION) for value in self.precision.values()):
+                precision += f" (the original runs {REFERENCE_PRECISION})"
+        return f"{self.frames} frames {self.height}x{self.width}: {stages}{memory}{host_text}{precision}"
 
 
 def _peak_host_gib() -> float | None:
