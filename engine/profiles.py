@@ -23,7 +23,12 @@ from ..export import specs as export_specs
 from ..export.specs import EXPORT_DTYPES, ExportSpec, Shape, VideoShape
 from ..models.checkpoint import Checkpoint
 from ..models.geometry import (
-    ASPECT_RATIO_512, MAX_FRAMES, RESOLUTION_RULE, SIZE_MULTIPLE, SUPPORTED_RESOLUTIONS, scaled_bucket_size,
+    ASPECT_RATIO_512,
+    MAX_FRAMES,
+    RESOLUTION_RULE,
+    SIZE_MULTIPLE,
+    SUPPORTED_RESOLUTIONS,
+    scaled_bucket_size,
 )
 
 Profile = dict[str, tuple[Shape, Shape, Shape]]

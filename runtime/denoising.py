@@ -12,7 +12,6 @@ import torch
 
 from ..models.transformer import TransformerConfig, rotary_embedding
 
-
 NOISE_DEVICES = ("cpu", "cuda")
 
 

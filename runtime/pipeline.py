@@ -3,9 +3,10 @@
 image -> bucket + conditioning video -> VAE encode (inpaint latents) + CLIP tokens -> control embeddings
 -> denoising loop (classifier-free guidance, scheduler; the backend's denoiser) -> VAE decode (+ seam smoothing)
 -> video. The steps follow the reference `RuyiInpaintPipeline.__call__` as driven by `predict_i2v.py`
-(docs/ruyi-architecture.md section 6). One deliberate change: the reference draws the conditioning latents from
-the VAE posterior with the unseeded global RNG; we draw them with the run's seeded generator, so a seed fully
-determines the video.
+(docs/ruyi-architecture.md section 6), dtypes and random draws included (the initial noise is the seeded
+generator's first draw, on the CPU or, like the reference, on the GPU). One deliberate change: the reference draws
+the conditioning latents from the VAE posterior with the unseeded global RNG; we draw them with a seeded CPU
+generator, so a seed fully determines the video.
 
 `from_pretrained` reads the checkpoint's configs once (`models.checkpoint.Checkpoint`) and loads the weights
 right away, except when the memory plan depends on the video (memory_mode auto on a GPU or with a VRAM budget):
@@ -248,6 +249,10 @@ class RuyiPipeline:
         stats = RunStats(precision=comps.precisions())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if request.noise_device == "cuda" and device.type != "cuda":
+            raise ValueError("noise_device: cuda draws on the GPU the models run on; use --device cuda, or noise_device "
+                             "cpu.")  # fmt: skip
+
         # 1. Size and length: aspect bucket of the first start image, frames rounded to VAE chunks
         height, width, frames = request.geometry(vcfg.mini_batch_encoder)
         stats.height, stats.width, stats.frames = height, width, frames

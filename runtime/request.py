@@ -11,8 +11,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..models.control_embeddings import DEFAULT_ASPECT, positive_prefix
 from ..models.geometry import (
-    RESOLUTION_RULE, SUPPORTED_RESOLUTIONS, closest_bucket, frame_rounding_note, round_video_length,
-)  # fmt: skip
+    RESOLUTION_RULE,
+    SUPPORTED_RESOLUTIONS,
+    closest_bucket,
+    frame_rounding_note,
+    round_video_length,
+)
 from .denoising import NOISE_DEVICES
 
 ImageInput = Image.Image | str | Path

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 REFERENCE_PRECISION = "bf16"  # the original runs every model in bf16 (under autocast)
 
 

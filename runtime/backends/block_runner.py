@@ -21,9 +21,8 @@ GEMMs may round differently from batch-2 ones).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
