@@ -86,8 +86,10 @@ class RuyiPipeline:
         (downloaded when missing and `download`). `options` say how to run, as `ruyi-trt run`'s options do
         (`RuntimeOptions.make`): backend (torch, ort, trt), device (default cuda when visible), dtype (default bf16
         on cuda, fp16 with ort, fp32 on the CPU), memory_mode (auto, full_gpu, normal, low_gpu), vram_budget (GiB),
-        offload_steps, fp8 (none, lite, strong, extreme), fp8_storage, teacache (threshold), enhance_a_video
-        (weight), lora (a .safetensors file) and lora_strength."""
+        offload_steps, fp8 (none, lite, strong, extreme), fp8_storage (auto, fp8_e4m3fn, fp8_e5m2), teacache
+        (threshold) with teacache_skip_start/_skip_end/_offload_cpu, enhance_a_video (weight) with
+        enhance_a_video_skip_start/_skip_end, lora (a .safetensors file, or a list of files and (file, strength)
+        pairs, merged in order) and lora_strength (for files given without one)."""
         options = RuntimeOptions.make(**options)
         pipe = cls(Checkpoint.resolve(model, download=download), options)
         if not plan_depends_on_video(options):

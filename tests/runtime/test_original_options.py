@@ -136,7 +136,7 @@ def test_fp8_storage_auto_is_e4m3fn_and_named_in_the_summary(tiny_dir: Path) -> 
     assert pipe.options.fp8_storage == "fp8_e4m3fn"
     block = pipe.components.denoiser.model.blocks[0]
     assert block.norm2.parametrizations.weight.original0.dtype == torch.float8_e4m3fn
-    video, stats = pipe.run(request(steps=1), progress=False)
+    _, stats = pipe.run(request(steps=1), progress=False)
     assert stats.precision["transformer"] == "fp32, fp8 extreme weights (fp8_e4m3fn)"
     assert "precision image_encoder fp32, vae fp32, transformer fp32, fp8 extreme weights (fp8_e4m3fn) (the " \
            "original runs bf16)" in stats.summary()  # fmt: skip
