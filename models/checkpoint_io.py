@@ -1,4 +1,4 @@
-"""Reading checkpoint folders: config.json into config dataclasses, safetensors into strict state dicts.
+"""Reading checkpoint folders: config.json into config dataclasses, safetensors into checked state dicts.
 
 Every component folder of a Ruyi checkpoint (`transformer/`, `vae/`, ...) holds a `config.json` and
 weights as one `*.safetensors` file or shards listed by a `*.safetensors.index.json`. A missing or mis-shaped
@@ -156,7 +156,8 @@ def load_into(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.nn.Module:
-    """Load `state` into `module` strictly (the module may live on the meta device).
+    """Load `state` into `module` (the module may live on the meta device): every key the model has must be there
+    with its shape.
 
     `computed` returns the deterministic, non-trained tensors (fixed sin-cos tables) that the released
     checkpoint may omit; they fill in for missing keys only. Floating tensors are cast to `dtype`. Keys the model

@@ -53,8 +53,8 @@ class TeaCacheSettings:
 class EnhanceAVideoSettings:
     """Enhance-A-Video (reference defaults: weight 1.0, no skipped steps). Call c (0-based, counted over every
     denoiser call of the run, TeaCache-skipped ones included) is enhanced when
-    skip_start_steps <= c < num_steps - skip_end_steps (num_steps: the run's steps, as the reference counts). The reference suggests weight < 10 (< 5 for short or
-    low-resolution videos).
+    skip_start_steps <= c < num_steps - skip_end_steps, num_steps being the run's steps (not its calls), as the
+    reference counts. The reference suggests weight < 10 (< 5 for short or low-resolution videos).
 
     The score is one scalar per block over the whole batch (both CFG halves together), so on enhanced calls
     the CFG split is not used: the batch runs whole, as in the reference."""
