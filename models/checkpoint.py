@@ -10,7 +10,6 @@ first use and kept.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..files import file_digest
 from .checkpoint_io import CheckpointError, read_config, weight_files
 from .control_embeddings import ControlEmbeddings, load_control_embeddings
 from .image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
@@ -61,16 +61,6 @@ def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
             "and pass --model PATH (or use --model tiny to try the pipeline with a small random model)."
         ) from exc
     return folder
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; cached per (path, size, mtime) for the process, since weights can be many GB."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -194,8 +184,7 @@ class Checkpoint:
                 files.append(path)
             digest = hashlib.sha256()
             for path in files + weight_files(folder):
-                stat = path.stat()
-                digest.update(f"{path.name}:{_file_digest(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+                digest.update(f"{path.name}:{file_digest(path)}\n".encode())
             self._hashes[part] = "sha256:" + digest.hexdigest()
         return self._hashes[part]
 
