@@ -32,6 +32,7 @@ REPO_ID = "IamCreateAI/Ruyi-Mini-7B"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = PACKAGE_ROOT / "models" / "Ruyi-Mini-7B"
 REQUIRED = ("transformer", "vae", "image_encoder", "scheduler", "embeddings.safetensors")
+HF_DOWNLOAD_DIR = ".cache/huggingface/download"  # where huggingface_hub keeps partial files of a local_dir download
 EMBEDDINGS_NAME = "embeddings.safetensors"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 TINY = "tiny"
@@ -42,18 +43,29 @@ HASHED_CONFIGS = {"transformer": ("config.json",), "vae": ("config.json",),
 
 
 def missing_parts(folder: Path) -> list[str]:
-    """The parts of the checkpoint layout that `folder` lacks."""
-    return [name for name in REQUIRED if not (folder / name).exists()]
+    """The parts of the checkpoint layout that `folder` lacks; an interrupted download (partial files that
+    huggingface_hub resumes) counts as missing too."""
+    missing = [name for name in REQUIRED if not (folder / name).exists()]
+    if any((folder / HF_DOWNLOAD_DIR).glob("**/*.incomplete")):
+        missing.append(f"the rest of an interrupted download ({HF_DOWNLOAD_DIR})")
+    return missing
 
 
 def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
-    """Download (or resume) the released checkpoint into `folder`, with huggingface_hub's progress bars."""
+    """Download (or resume) the released checkpoint into `folder`, with huggingface_hub's progress bars.
+
+    Files appear under their names only when complete; Ctrl-C keeps the partial ones in `folder/.cache` and the
+    next call resumes them."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     log.info("downloading %s (about 17 GB) into %s", repo_id, folder)
     try:
         snapshot_download(repo_id=repo_id, local_dir=str(folder))
+    except KeyboardInterrupt:
+        log.warning("download of %s interrupted; the next run resumes it (partial files in %s)", repo_id,
+                    folder / HF_DOWNLOAD_DIR)  # fmt: skip
+        raise
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise CheckpointError(
             f"could not download {repo_id} into {folder} ({exc}). If this machine is offline, download it "
