@@ -107,10 +107,10 @@ def doctor() -> None:
 
 @main.command()
 @click.option("--model", "model", default=None, help="Checkpoint folder, 'tiny' (small random model), 'full-random' (the real architecture, random weights), or omit for models/Ruyi-Mini-7B (downloaded when missing).")
-@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False), help="Start image (repeat for up to 5 leading frames); not needed with --plan-only --size.")
-@click.option("--end-image", "end_images", multiple=True, type=click.Path(dir_okay=False), help="End image (the last frame).")
-@click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(dir_okay=False), help="Output mp4 (H.264, 24 fps).")
-@click.option("--frames-dir", default=None, type=click.Path(file_okay=False), help="Also write every frame as PNG into this folder.")
+@click.option("--image", "images", multiple=True, type=click.Path(), help="Start image (repeat for up to 5 leading frames); not needed with --plan-only --size.")
+@click.option("--end-image", "end_images", multiple=True, type=click.Path(), help="End image (the last frame).")
+@click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(), help="Output mp4 (H.264, 24 fps).")
+@click.option("--frames-dir", default=None, type=click.Path(), help="Also write every frame as PNG into this folder.")
 @click.option("--frames", default=120, show_default=True, type=FRAMES, help="Video length, 1..120 (rounded down to a multiple of 8).")
 @click.option("--resolution", default=512, show_default=True, type=click.Choice(["512", "768"]), help="Base resolution of the aspect-ratio buckets.")
 @click.option("--size", default=None, help="Explicit HEIGHTxWIDTH (multiples of 16) instead of the bucket, e.g. 384x672.")
@@ -131,7 +131,7 @@ def doctor() -> None:
 @click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
 @click.option("--teacache", "teacache_threshold", default=None, type=THRESHOLD, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
 @click.option("--enhance-a-video", "enhance_a_video", default=None, type=WEIGHT, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
-@click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
+@click.option("--lora", default=None, type=click.Path(), help="LoRA safetensors file merged into the transformer.")
 @click.option("--lora-strength", default=1.0, show_default=True, type=STRENGTH, help="-100..100.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
@@ -187,7 +187,9 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         video.save(out)
         if frames_dir is not None:
             video.save_frames(frames_dir)
-    except (ValueError, TypeError, CheckpointError) as exc:
+    except CheckpointError as exc:
+        raise InputError(f"--model: {exc}") from exc
+    except (ValueError, TypeError) as exc:
         raise InputError(cli_message(str(exc))) from exc
     except (GenerationError, WriteError, ImportError, RuntimeError, OSError) as exc:
         raise click.ClickException(cli_message(str(exc))) from exc

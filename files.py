@@ -9,8 +9,8 @@
 - `file_lock(target)`: an exclusive lock between processes that build the same `target` (an engine, an export):
   the second one waits, then finds the finished result.
 
-Temporary files and folders get the ordinary mode (0666 / 0777 less the umask, as `open` and `mkdir` give), not
-the 0600 / 0700 of `tempfile`, so outputs are readable as the user's umask intends. Every failure, Ctrl-C
+Outputs get the ordinary mode (0666 / 0777 less the umask, as `open` and `mkdir` give), not the 0600 / 0700 of
+`tempfile` (or of writers such as safetensors that use it), so they are readable as the user's umask intends. Every failure, Ctrl-C
 (KeyboardInterrupt) included, removes what was written under a temporary name.
 """
 
@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,19 +133,52 @@ def fsync_folder(path: str | Path) -> None:
     fsync_file(path)
 
 
+def current_umask() -> int:
+    """The process's umask (from /proc on Linux, without changing it; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: str | Path, umask: int | None = None) -> None:
+    """Give `path` the mode open()/mkdir() would: 0666 (0777 for folders and executables) less the umask.
+
+    Writers that make their own temp file and rename it (safetensors' save_file gives 0600) are corrected so."""
+    umask = current_umask() if umask is None else umask
+    current = stat.S_IMODE(os.lstat(path).st_mode)
+    executable = os.path.isdir(path) or current & 0o100
+    wanted = (FOLDER_MODE if executable else FILE_MODE) & ~umask
+    if current != wanted:
+        os.chmod(path, wanted)
+
+
 def fsync_tree(folder: str | Path) -> None:
-    """fsync every file and folder under `folder`, then `folder` itself."""
+    """Give every file and folder under `folder` (and `folder`) the ordinary mode and fsync it, deepest first."""
+    umask = current_umask()
     for root, dirs, names in os.walk(folder, topdown=False):
         for name in names:
             if not os.path.islink(os.path.join(root, name)):
+                ordinary_mode(os.path.join(root, name), umask)
                 fsync_file(os.path.join(root, name))
         for name in dirs:
-            fsync_folder(os.path.join(root, name))
+            if not os.path.islink(os.path.join(root, name)):
+                ordinary_mode(os.path.join(root, name), umask)
+                fsync_folder(os.path.join(root, name))
+    ordinary_mode(folder, umask)
     fsync_folder(folder)
 
 
 def publish(tmp: str | Path, path: str | Path) -> Path:
-    """fsync the finished file `tmp`, rename it to `path` (same file system) and fsync the folder."""
+    """Give the finished file `tmp` the ordinary mode, fsync it, rename it to `path` (same file system) and fsync
+    the folder."""
+    ordinary_mode(tmp)
     fsync_file(tmp)
     os.replace(tmp, path)
     fsync_folder(Path(path).parent)

@@ -84,7 +84,7 @@ def load_image(path: str | Path, argument: str = "image") -> Image.Image:
     The pixel count is checked from the header before decoding, so a decompression bomb never fills the memory."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{argument}: {path} does not exist or is not a file.")
+        raise ValueError(f"{argument}: {path} does not exist or is not a file; give the path of a PNG or JPEG picture.")
     if path.stat().st_size == 0:
         raise ValueError(f"{argument}: {path} is empty (0 bytes); use a PNG or JPEG file.")
     try:
