@@ -171,7 +171,7 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
             click.echo(plan.describe())
             return
         if not images:
-            raise click.UsageError("Missing option '--image' (a start image).")
+            raise click.UsageError("Missing option '--image': give a start image (PNG or JPEG; repeat --image for up to 5).")
         # everything the user gave is checked before minutes of loading: the output places, the images and
         # options, the LoRA file
         check_output_path(out, "--out", suffix=".mp4")

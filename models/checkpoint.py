@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..files import file_digest
-from .checkpoint_io import CheckpointError, read_config, weight_files
+from ..files import atomic_write, file_digest
+from .checkpoint_io import CHECKPOINT_REPO, CheckpointError, read_config, weight_files
 from .control_embeddings import ControlEmbeddings, load_control_embeddings
 from .image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
 from .transformer import RuyiTransformer3D, TransformerConfig
@@ -28,11 +28,12 @@ from .vae_config import VAEConfig
 
 log = logging.getLogger(__name__)
 
-REPO_ID = "IamCreateAI/Ruyi-Mini-7B"
+REPO_ID = CHECKPOINT_REPO
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = PACKAGE_ROOT / "models" / "Ruyi-Mini-7B"
 REQUIRED = ("transformer", "vae", "image_encoder", "scheduler", "embeddings.safetensors")
-HF_DOWNLOAD_DIR = ".cache/huggingface/download"  # where huggingface_hub keeps partial files of a local_dir download
+HF_CACHE_DIR = ".cache/huggingface"  # huggingface_hub's bookkeeping (and partial files) in a local_dir download
+DOWNLOAD_DONE = ".cache/ruyi-trt-download-complete"  # written when a download into the folder has finished
 EMBEDDINGS_NAME = "embeddings.safetensors"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 TINY = "tiny"
@@ -43,11 +44,11 @@ HASHED_CONFIGS = {"transformer": ("config.json",), "vae": ("config.json",),
 
 
 def missing_parts(folder: Path) -> list[str]:
-    """The parts of the checkpoint layout that `folder` lacks; an interrupted download (partial files that
-    huggingface_hub resumes) counts as missing too."""
+    """The parts of the checkpoint layout that `folder` lacks; a download into it that never finished (Ctrl-C,
+    a lost connection) counts as missing too, so the next run resumes it."""
     missing = [name for name in REQUIRED if not (folder / name).exists()]
-    if any((folder / HF_DOWNLOAD_DIR).glob("**/*.incomplete")):
-        missing.append(f"the rest of an interrupted download ({HF_DOWNLOAD_DIR})")
+    if (folder / HF_CACHE_DIR).is_dir() and not (folder / DOWNLOAD_DONE).is_file():
+        missing.append("the rest of an interrupted download")
     return missing
 
 
@@ -64,7 +65,7 @@ def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
         snapshot_download(repo_id=repo_id, local_dir=str(folder))
     except KeyboardInterrupt:
         log.warning("download of %s interrupted; the next run resumes it (partial files in %s)", repo_id,
-                    folder / HF_DOWNLOAD_DIR)  # fmt: skip
+                    folder / HF_CACHE_DIR)  # fmt: skip
         raise
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise CheckpointError(
@@ -72,6 +73,7 @@ def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
             f"elsewhere with `huggingface-cli download {repo_id} --local-dir Ruyi-Mini-7B`, copy the folder here "
             "and pass --model PATH (or use --model tiny to try the pipeline with a small random model)."
         ) from exc
+    atomic_write(folder / DOWNLOAD_DONE, lambda tmp: tmp.write_text(f"{repo_id}\n"))
     return folder
 
 

@@ -26,6 +26,7 @@ ConfigT = TypeVar("ConfigT")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CHECKPOINT_REPO = "IamCreateAI/Ruyi-Mini-7B"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CONVERT_HINT = (
     "Convert it on a machine you trust: python -c \"import torch, safetensors.torch as st; "
@@ -92,17 +93,17 @@ def safetensors_problem(path: str | Path) -> str | None:
         with open(path, "rb") as handle:
             head = handle.read(9)
     except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+        return f"cannot be read ({exc.strerror or exc}); check its permissions"
     if len(head) == 9 and head[8:9] != b"{":  # a safetensors file starts with a u64 header size, then '{'
         if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1] in range(2, 6)):
             return ("a PyTorch pickle (.pt/.ckpt/.bin), not safetensors. Pickles can run code when they are "
                     f"loaded, so ruyi-trt never opens them. {CONVERT_HINT}")  # fmt: skip
-        return "not a safetensors file (its header is missing)"
+        return "not a safetensors file (its header is missing); use a .safetensors file"
     try:
         with safe_open(str(path), framework="pt"):
             return None
     except (SafetensorError, OSError, ValueError) as exc:
-        return f"not a readable safetensors file ({exc}); it is probably truncated or corrupt"
+        return f"not a readable safetensors file ({exc}); it is probably truncated or corrupt: download it again"
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -111,8 +112,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if problem is None:
             return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        problem = f"not a readable safetensors file ({exc}); it is probably truncated or corrupt"
-    raise CheckpointError(f"{path} is {problem}. Delete it and download the checkpoint again.")
+        problem = f"not a readable safetensors file ({exc}); it is probably truncated or corrupt: download it again"
+    raise CheckpointError(f"{path} is {problem} (the whole checkpoint: huggingface-cli download {CHECKPOINT_REPO}).")
 
 
 def weight_files(folder: str | Path) -> list[Path]:

@@ -148,7 +148,7 @@ def test_disk_full_while_writing_the_video(tiny_dir: Path, start_png: Path, tmp_
     monkeypatch.setattr(os, "fsync", no_space)
     result = CliRunner().invoke(main, arguments(base_options(tmp_path, start_png)))
     assert result.exit_code == 1 and "no space left on the disk" in result.output and "free some space" in result.output
-    assert files_under(tmp_path / "out") == set() if (tmp_path / "out").exists() else True
+    assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == set()
 
 
 # -- ComfyUI names ------------------------------------------------------------------------------------------------
