@@ -5,7 +5,6 @@ folder; damaged engine and ONNX cache entries."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ruyi_trt.cli import main
+from ruyi_trt.files import file_digest
 from ruyi_trt.runtime.request import load_image, load_images
 from ruyi_trt.testing import gradient_image
 from ruyi_trt.tools.bad_inputs import BAD_INPUTS, PAYLOAD_MARKER, arguments, base_options, files_under, prepare
@@ -198,16 +198,12 @@ def onnx_copy(exported_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_onnx_cache_graph_is_exported_again(onnx_copy: Path, tiny_dir: Path, damage: str) -> None:
     from ruyi_trt.export import ExportSettings, export_checkpoint
 
     graph = onnx_copy / "image_encoder.onnx"
-    good = _digest(graph)
+    good = file_digest(graph)
     data = bytearray(graph.read_bytes())
     if damage == "truncate":
         graph.write_bytes(bytes(data[: len(data) // 2]))
@@ -215,7 +211,7 @@ def test_damaged_onnx_cache_graph_is_exported_again(onnx_copy: Path, tiny_dir: P
         data[len(data) // 2] ^= 0xFF
         graph.write_bytes(bytes(data))
     result = export_checkpoint(tiny_dir, onnx_copy, ExportSettings(), ["image-encoder"], progress=False)
-    assert result.exported == ["image-encoder"] and _digest(graph) == good
+    assert result.exported == ["image-encoder"] and file_digest(graph) == good
     assert not [p.name for p in onnx_copy.parent.iterdir() if p.name.startswith(".")]  # no scratch, no lock
 
 

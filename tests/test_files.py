@@ -64,7 +64,7 @@ def test_file_and_folder_are_fsynced_before_and_after_the_rename(tmp_path: Path,
     assert len(synced) == 2 and Path(synced[0]).name.startswith(".out.bin.") and synced[1] == str(tmp_path)
     synced.clear()
     atomic_folder(tmp_path / "engine", lambda tmp: (tmp / "engine.plan").write_bytes(b"plan"))
-    assert [Path(s).name for s in synced][0] == "engine.plan" and synced[-1] == str(tmp_path)
+    assert Path(synced[0]).name == "engine.plan" and synced[-1] == str(tmp_path)
     assert target.read_bytes() == b"data"
 
 
@@ -161,7 +161,6 @@ def test_only_files_py_renames_files_into_place() -> None:
         if rel == "files.py" or rel.startswith((".venv/", "tests/", "build/")) or "/." in "/" + rel:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                if (node.value.id, node.attr) in RENAMES:
-                    offenders.append(f"{rel}:{node.lineno} {node.value.id}.{node.attr}")
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (node.value.id, node.attr) in RENAMES:
+                offenders.append(f"{rel}:{node.lineno} {node.value.id}.{node.attr}")
     assert not offenders, f"use ruyi_trt.files (atomic_write, atomic_folder, publish, scratch_folder): {offenders}"

@@ -185,6 +185,7 @@ def _bad_lora(make: Callable[[Path], Path]) -> Callable[[Path, Path], Options]:
     return lambda folder, tiny: {"--lora": str(make(folder))}
 
 
+# fmt: off
 BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("image: empty file (0 bytes)", "is empty (0 bytes)", _image("--image", _write("empty.png", b""))),
     BadInput("image: a text file named .png", "not a readable image",
@@ -209,12 +210,12 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              _bad_lora(lambda f: pickle_lora(f / "style.safetensors"))),
     BadInput("lora: safetensors truncated to half", "truncated or corrupt",
              _bad_lora(lambda f: _truncated(_lora(f / "full.safetensors", {"lora_unet_x.alpha": torch.ones(64, 64)}),
-                                            f / "half.safetensors"))),  # fmt: skip
+                                            f / "half.safetensors"))),
     BadInput("lora: empty file", "not a readable safetensors", _bad_lora(_write("empty.safetensors", b""))),
     BadInput("lora: keys that match no module", "match no module",
              _bad_lora(lambda f: _lora(f / "other.safetensors", {
                  "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": torch.zeros(8, 2),
-                 "lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.zeros(2, 8)}))),  # fmt: skip
+                 "lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.zeros(2, 8)}))),
     BadInput("lora: missing file", "does not exist", lambda folder, tiny: {"--lora": str(folder / "none.safetensors")}),
     BadInput("model: missing folder", "does not exist", lambda folder, tiny: {"--model": str(folder / "nothing")}),
     BadInput("model: folder without the checkpoint layout", "not a complete Ruyi checkpoint",
@@ -230,7 +231,8 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("--seed -1", "--seed: -1 is outside", lambda folder, tiny: {"--seed": "-1"}),
     BadInput("--size 100x100", "multiples of 16", lambda folder, tiny: {"--size": "100x100"}),
     BadInput("--device cuda:x", "not a device", lambda folder, tiny: {"--device": "cuda:x"}),
-)  # fmt: skip
+)
+# fmt: on
 
 
 def files_under(folder: Path) -> set[str]:
