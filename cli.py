@@ -52,21 +52,30 @@ def doctor() -> None:
 @click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
 @click.option("--lora-strength", default=1.0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Spread the video over the processes of `torchrun --nproc-per-node K $(which ruyi-trt) run ...` (K = ulysses x ring x cfg): tokens split over ulysses x ring ranks, the CFG halves over cfg=2 rank groups.")
+@click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others before the whole job stops with an error.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress) -> None:
+        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress, parallel,
+        parallel_timeout) -> None:
     """Generate a video from a start image (and optionally an end image)."""
     import torch
 
     from .runtime.generate import GenerationError, generate_video, plan_video
     from .runtime.loading import RuntimeOptions, default_dtype
+    from .runtime.parallel import ParallelConfig, ParallelConfigError, is_main_process
+
+    try:
+        parallel = ParallelConfig.parse(parallel, parallel_timeout) if parallel else None
+    except ParallelConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--parallel") from exc
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bf16" if plan_only else default_dtype(device, backend))
     options = RuntimeOptions(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps,
         fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache_threshold, lora=lora, lora_strength=lora_strength,
-        vram_budget_gb=vram_budget_gb, enhance_a_video=enhance_a_video,
+        vram_budget_gb=vram_budget_gb, enhance_a_video=enhance_a_video, parallel=parallel,
     )
     request_args = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
@@ -81,7 +90,8 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
                                      progress=not no_progress, on_plan=lambda plan: click.echo(plan.describe()))
     except (GenerationError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {path}  ({stats.summary()})")
+    if is_main_process():
+        click.echo(f"wrote {path}  ({stats.summary()})")
 
 
 @main.command()

@@ -7,6 +7,7 @@ from configs alone, so it also works without the weights (`ruyi-trt run --plan-o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from ..models.geometry import closest_bucket, round_video_length
 from .loading import RuntimeOptions, load_pipeline, load_random_pipeline
 from .memory.plan import MemoryPlan, PlanRequest, device_budget_bytes, plan_memory
 from .model_source import FULL_RANDOM, model_configs, resolve_model
+from .parallel import ParallelError, prepare_run
 from .pipeline import RunStats
 from .request import VideoRequest, load_image
 from .video import write_frames, write_video
@@ -71,6 +73,9 @@ def plan_for_request(
         log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
         return None
     tcfg, vcfg, clip = model_configs(model)
+    if options.parallel is not None:
+        options.parallel.check_heads(tcfg.num_attention_heads)
+        options.parallel.check_guidance(request.guidance_scale > 1.0)
     if request.size is not None:
         height, width = request.size
     else:
@@ -80,6 +85,8 @@ def plan_for_request(
         cfg=request.guidance_scale > 1.0, dtype=options.dtype, fp8=options.fp8,
         teacache=options.teacache_threshold is not None, steps=request.steps,
         memory_mode=options.memory_mode, offload_steps=options.offload_steps, budget_bytes=budget,
+        sequence_parallel=options.parallel.sequence if options.parallel else 1,
+        cfg_parallel=bool(options.parallel and options.parallel.cfg > 1),
     )  # fmt: skip
     return plan_memory(tcfg, vcfg, clip, plan_request)
 
@@ -97,7 +104,9 @@ def generate_video(
 ) -> tuple[Path, RunStats]:
     """Run the whole image-to-video job and write the video; returns its path and the run statistics.
 
-    The memory plan is made here (see `plan_for_request`) and handed to `on_plan` before any weight loads."""
+    The memory plan is made here (see `plan_for_request`) and handed to `on_plan` before any weight loads.
+    With `options.parallel` every process of the torchrun job calls this; each plans for and runs its own part
+    on its own device, and rank 0 writes the files once every rank has its copy of the video."""
     out = Path(out)
     if out.suffix.lower() != ".mp4":
         raise GenerationError(f"--out: {out} must end in .mp4")
@@ -111,6 +120,10 @@ def generate_video(
             **request_args,
         )
         options.validate()
+        context = None
+        if options.parallel is not None:
+            context = prepare_run(options.parallel, options.device, model_configs(model)[0], request.guidance_scale > 1)
+            options = dataclasses.replace(options, device=str(context.device))
         plan = plan_for_request(model, request, options)
         if plan is not None and on_plan is not None:
             on_plan(plan)
@@ -118,15 +131,21 @@ def generate_video(
             pipeline = load_random_pipeline(options, plan)
         else:
             pipeline = load_pipeline(resolve_model(model), options, plan)
-        video, stats = pipeline(request, progress=progress)
-    except (ValueError, TypeError, CheckpointError) as exc:
+        video, stats = pipeline(request, progress=progress and (context is None or context.is_main))
+    except (ValueError, TypeError, CheckpointError, ParallelError) as exc:
         raise GenerationError(str(exc)) from exc
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise GenerationError(
             f"out of memory ({exc}). Try --memory-mode auto (with a smaller --vram-budget), --memory-mode low_gpu, "
             "--offload-steps 1, --fp8 lite, --dtype bf16, or fewer --frames / a lower --resolution."
         ) from exc
-    write_video(video, out, fps=24)
-    if frames_dir is not None:
-        write_frames(video, frames_dir, overwrite=True)
+    if context is None or context.is_main:
+        write_video(video, out, fps=24)
+        if frames_dir is not None:
+            write_frames(video, frames_dir, overwrite=True)
+    if context is not None:
+        try:
+            context.barrier()  # the other ranks return once the files exist
+        except ParallelError as exc:
+            raise GenerationError(str(exc)) from exc
     return out, stats

@@ -24,6 +24,7 @@ from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheS
 from .backends.protocol import Components
 from .backends.torch_backend import torch_components
 from .memory.plan import PLAN_MODES, MemoryPlan, PlanSettings, mode_settings
+from .parallel.config import ParallelConfig
 from .pipeline import RuyiPipeline
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class RuntimeOptions:
     enhance_a_video is Enhance-A-Video's weight (None: off; torch backend only): every block's self-attention
     output is scaled by a temporal score on every step (the reference's defaults, no skipped steps;
     `runtime.block_runner.EnhanceAVideoSettings`).
+    parallel spreads one video over the processes of a torchrun job (torch backend; `runtime.parallel`);
+    each rank then runs on its own device (cuda:LOCAL_RANK, or the CPU).
     """
 
     backend: str = "torch"
@@ -60,6 +63,7 @@ class RuntimeOptions:
     lora_strength: float = 1.0
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
+    parallel: ParallelConfig | None = None
 
     def validate(self) -> None:
         choices = {
@@ -81,6 +85,11 @@ class RuntimeOptions:
         if self.enhance_a_video is not None and self.backend != "torch":
             raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
                              "use --backend torch.")
+        if self.parallel is not None and self.backend != "torch":
+            raise ValueError(f"backend {self.backend}: --parallel runs the torch backend only; use --backend torch.")
+        if self.parallel is not None and self.enhance_a_video is not None:
+            raise ValueError("--enhance-a-video scores attention over every frame and the whole batch, which no rank "
+                             "holds under --parallel; drop one of them.")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
             raise ValueError(f"vram_budget_gb: {self.vram_budget_gb} must be positive (GiB).")
         if self.backend == "ort" and self.dtype == "bf16":
@@ -216,7 +225,12 @@ def _assemble(
         log.info("FP8 (%s, %s): %d transformer layers stored in fp8", options.fp8, options.fp8_storage, count)
 
     offload_models = settings.offload_models and device.type == "cuda"
-    denoiser = BlockRunner(
+    runner, context = BlockRunner, {}
+    if options.parallel is not None:
+        from .parallel import ParallelBlockRunner, join
+
+        runner, context = ParallelBlockRunner, {"context": join(options.parallel, options.device)}
+    denoiser = runner(
         transformer,
         device=device,
         dtype=dtype,
@@ -228,10 +242,15 @@ def _assemble(
         enhance_a_video=(
             EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
         ),
+        **context,
     )
     components = torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
     )
+    if options.parallel is not None:
+        from .parallel import spread_vae
+
+        components = spread_vae(components, vae, context["context"], torch.device("cpu") if offload_models else device)
     return RuyiPipeline(
         components=components,
         transformer_config=transformer.config,
