@@ -109,9 +109,12 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
 @click.option("--time-budget", "time_budget_s", default=None, type=float, help="Skip measurements that would start after this many seconds.")
 @click.option("--max-stage-seconds", default=None, type=float, help="Stop timing a stage once its timed calls add up to this (at least one call).")
 @click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Time the parallel mode under `torchrun --nproc-per-node K $(which ruyi-trt) bench ...` (torch backend); rows carry the communication per step.")
+@click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others.")
 def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
-          max_stage_seconds, out) -> None:
+          max_stage_seconds, out, parallel, parallel_timeout) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
+    from .runtime.parallel import ParallelConfig, is_main_process
     from .tools.bench import BenchConfig, parse_shapes, run_bench
 
     try:
@@ -120,10 +123,13 @@ def bench(model, backends, resolution, size, frames, stages, steps, warmup, repe
             shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
             steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
             max_stage_seconds=max_stage_seconds,
+            parallel=ParallelConfig.parse(parallel, parallel_timeout) if parallel else None,
         )
         results = run_bench(config, out)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    if not is_main_process():
+        return
     ok = sum(m.status == "ok" for m in results.measurements)
     click.echo(f"{ok}/{len(results.measurements)} measurements ok; wrote {out}/bench.json, bench.md, bench.png")
 
