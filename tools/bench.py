@@ -271,7 +271,7 @@ class _Bench:
             measure(row, call, cfg.warmup, cfg.repeat, self.device, cfg.max_stage_seconds, self.agree)
         except LookupError as exc:
             row.status, row.reason = "unavailable", str(exc)
-        except Exception as exc:  # noqa: BLE001 - OOM or an unsupported kernel: record it, free memory, go on
+        except Exception as exc:  # OOM or an unsupported kernel: record it, free memory, go on (alone)
             if self.context is not None:
                 raise
             log.warning("%s %s %s failed: %s", backend, stage, shape.label, exc)

@@ -117,6 +117,13 @@ def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
+def _mib(value: int | None) -> str:
+    if value is None:
+        return "-"
+    mib = value / 2**20
+    return f"{mib:,.1f}" if mib >= 1 else f"{mib:.2g}"
+
+
 def markdown(results: BenchResults) -> str:
     """A summary table per measurement, then the unavailable backends, notes and the environment."""
     env, cfg = results.environment, results.config
@@ -141,7 +148,7 @@ def markdown(results: BenchResults) -> str:
         status = m.status if m.status == "ok" else f"{m.status}: {m.reason}"
         fraction = _fmt(m.peak_fraction * 100, ".1f") if m.peak_fraction is not None else "-"
         backend = f"{m.backend} --parallel {m.parallel}" if m.parallel else m.backend
-        comm = _fmt(m.comm_bytes_per_step / 2**20, ".3g") if m.comm_bytes_per_step is not None else "-"
+        comm = _mib(m.comm_bytes_per_step)
         lines.append(
             f"| {backend} | {m.stage} | {m.height}x{m.width}x{m.frames}f | {_fmt(d['median_s'], '.4f')} "
             f"| {_fmt(d['min_s'], '.4f')} | {_fmt(d['max_s'], '.4f')} | {_fmt(m.tflops_per_s, '.3g')} | {fraction} "

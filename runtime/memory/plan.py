@@ -159,7 +159,8 @@ class MemoryPlan:
         )
         head = (
             f"Memory plan ({r.memory_mode}) for {r.height}x{r.width}, {r.frames} frames "
-            f"(latents {t}x{lh}x{lw}, {self.tokens:,} tokens per sample), {r.dtype}, fp8 {r.fp8}; {budget}"
+            f"(latents {t}x{lh}x{lw}, {self.tokens:,} tokens per sample{' on this rank' if r.sequence_parallel > 1 else ''}"
+            f"), {r.dtype}, fp8 {r.fp8}; {budget}"
         )
         lines = [head]
         if self.streamed_blocks:

@@ -43,7 +43,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
             return out, lse
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-        return out, lse[..., : q.shape[2]]  # the kernel may pad the query dimension of the log-sum-exp
+        return out, lse.narrow(-1, 0, q.shape[2])  # the kernel pads the queries of the log-sum-exp to 32s
     raise ValueError(f"ring attention runs on cpu or cuda devices, not {q.device.type}")
 
 

@@ -3,8 +3,10 @@ temporal PE / RoPE of a token slice, and the attention hook of the blocks. Multi
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ruyi_trt.models.presets import tiny_transformer
 from ruyi_trt.models.transformer import rotary_embedding
@@ -21,6 +23,18 @@ def test_attention_with_lse_matches_sdpa_and_the_explicit_logsumexp() -> None:
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 37)
     assert_close_scaled(out, F.scaled_dot_product_attention(q, k, v), 1e-6, "out")
     assert_close_scaled(lse, (q @ k.transpose(-1, -2) * 176**-0.5).logsumexp(-1), 1e-6, "lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_kernels_give_an_output_and_a_per_query_logsumexp(dtype: torch.dtype) -> None:
+    """No GPU here: fake CUDA tensors check the kernel choice and its signatures (bf16: flash attention, which
+    takes head dim 176; fp32: memory-efficient attention, whose log-sum-exp is padded to 32 queries)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(1, 8, 1000, 176, dtype=dtype, device="cuda")
+        kv = torch.empty(1, 8, 700, 176, dtype=dtype, device="cuda")
+        out, lse = attention_with_lse(q, kv, kv)
+        assert out.shape == (1, 8, 1000, 176) and out.dtype == dtype and out.device.type == "cuda"
+        assert lse.shape == (1, 8, 1000) and lse.dtype == torch.float32
 
 
 def test_merging_uneven_key_blocks_equals_attention_over_all_keys() -> None:

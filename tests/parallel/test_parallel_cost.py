@@ -53,7 +53,7 @@ def test_speedup_estimate_grows_with_ranks_and_falls_with_slow_links() -> None:
 
 def test_each_rank_plans_for_its_own_slice() -> None:
     full, vae, clip = TransformerConfig.full(), VAEConfig.full(), ClipSpec()
-    base = dict(height=768, width=768, frames=120, memory_mode="full_gpu", budget_bytes=80 * GiB)
+    base = {"height": 768, "width": 768, "frames": 120, "memory_mode": "full_gpu", "budget_bytes": 80 * GiB}
     serial = plan_memory(full, vae, clip, PlanRequest(**base))
     ranked = plan_memory(full, vae, clip, PlanRequest(**base, sequence_parallel=4, cfg_parallel=True))
     assert ranked.tokens == serial.tokens // 4
@@ -66,3 +66,21 @@ def test_each_rank_plans_for_its_own_slice() -> None:
     assert "sequence parallel: 4 ranks" in text and "one sample on this rank" in text
     with pytest.raises(ValueError, match="cfg_parallel needs"):
         PlanRequest(**base, cfg=False, cfg_parallel=True).validate()
+
+
+def test_bench_rows_carry_the_mode_and_the_communication() -> None:
+    from ruyi_trt.tools.bench import BenchConfig
+    from ruyi_trt.tools.report import BenchResults, Measurement, markdown
+
+    row = Measurement("torch", "denoise", 768, 768, 120, "ok", times_s=[2.0], parallel="ulysses=8",
+                      comm_bytes_per_step=step_communication(TransformerConfig.full(), TOKENS_768_120F, True,
+                                                             ParallelConfig(ulysses=8), 2).total)  # fmt: skip
+    environment = {"gpu": None, "torch": "x", "cuda": None, "cudnn": None, "ruyi_trt": "x", "git_commit": "x",
+                   "python": "x", "platform": "x"}  # fmt: skip
+    config = {"model": "full-random", "dtype": "bf16", "device": "cuda", "warmup": 1, "repeat": 1, "steps": 1}
+    text = markdown(BenchResults(config=config, environment=environment, backends=[], peak=None, measurements=[row]))
+    assert "| torch --parallel ulysses=8 | denoise | 768x768x120f |" in text
+    assert "| 13,023.3 | ok |" in text  # 12.7 GiB per rank and step, in MiB
+    assert row.to_dict()["comm_bytes_per_step"] == row.comm_bytes_per_step
+    with pytest.raises(ValueError, match="torch backend only"):
+        BenchConfig(backends=("torch", "ort"), parallel=ParallelConfig(ulysses=2)).validate()
