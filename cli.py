@@ -63,7 +63,7 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
 
     from .runtime.generate import GenerationError, generate_video, plan_video
     from .runtime.loading import RuntimeOptions, default_dtype
-    from .runtime.parallel import ParallelConfig, ParallelConfigError, is_main_process
+    from .runtime.parallel import ParallelConfig, ParallelConfigError, is_main_process, leave
 
     try:
         parallel = ParallelConfig.parse(parallel, parallel_timeout) if parallel else None
@@ -90,6 +90,7 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
                                      progress=not no_progress, on_plan=lambda plan: click.echo(plan.describe()))
     except (GenerationError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
+    leave()
     if is_main_process():
         click.echo(f"wrote {path}  ({stats.summary()})")
 
@@ -114,7 +115,7 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
 def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
           max_stage_seconds, out, parallel, parallel_timeout) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
-    from .runtime.parallel import ParallelConfig, is_main_process
+    from .runtime.parallel import ParallelConfig, is_main_process, leave
     from .tools.bench import BenchConfig, parse_shapes, run_bench
 
     try:
@@ -128,6 +129,7 @@ def bench(model, backends, resolution, size, frames, stages, steps, warmup, repe
         results = run_bench(config, out)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    leave()
     if not is_main_process():
         return
     ok = sum(m.status == "ok" for m in results.measurements)

@@ -6,7 +6,8 @@ mode (each mode must use all K processes). For each run rank 0 keeps the final l
 the VAE decoder), the video and the denoising seconds per step, and writes `<mode>.safetensors` (latents, video),
 parallel_check.json and parallel_check.md with the largest differences to the one-process run. A mode may add
 `teacache=T` (e.g. "ulysses=2,teacache=0.3"): that mode and a matching one-process run use TeaCache, and the
-record has every rank's count of skipped steps. `--vae-latents T` also compares a chunk-parallel VAE decode and
+record has every rank's count of skipped steps. `memory=low_gpu` / `offload=K` run that mode with block streaming
+/ long skips on the host (they change no numbers, so the plain one-process run is the reference). `--vae-latents T` also compares a chunk-parallel VAE decode and
 encode of random latents (T latent frames) with the serial ones. CPU (gloo) or GPUs (NCCL, one per process).
 """
 
@@ -26,18 +27,31 @@ log = logging.getLogger(__name__)
 MODE_SEPARATOR = ";"
 
 
+MODE_OPTIONS = {"teacache": ("teacache_threshold", float), "memory": ("memory_mode", str), "offload": ("offload_steps", int)}
+
+
 def parse_mode(text: str, timeout_s: float):
-    """'ulysses=2,ring=2[,teacache=0.3]' -> (ParallelConfig, TeaCache threshold or None)."""
+    """'ulysses=2,ring=2[,teacache=0.3][,memory=low_gpu][,offload=1]' -> (ParallelConfig, RuntimeOptions fields)."""
     from ..runtime.parallel import ParallelConfig
 
-    teacache, rest = None, []
+    options, rest = {}, []
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name.strip() == "teacache":
-            teacache = float(value)
+        if name.strip() in MODE_OPTIONS:
+            field, kind = MODE_OPTIONS[name.strip()]
+            options[field] = kind(value)
         else:
             rest.append(item)
-    return ParallelConfig.parse(",".join(rest), timeout_s), teacache
+    return ParallelConfig.parse(",".join(rest), timeout_s), options
+
+
+def mode_name(text: str) -> str:
+    return ",".join(item.strip() for item in text.split(",") if item.strip())
+
+
+def serial_name(threshold: float | None) -> str:
+    """File stem of a one-process run: 'serial' or 'serial,teacache=T'."""
+    return "serial" + (f",teacache={threshold:g}" if threshold is not None else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,30 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     from ..testing import gradient_image
 
     height, width = (int(v) for v in args.size.lower().split("x"))
-    modes = [parse_mode(m.strip(), args.timeout) for m in args.modes.split(MODE_SEPARATOR) if m.strip()]
+    texts = [m.strip() for m in args.modes.split(MODE_SEPARATOR) if m.strip()]
+    modes = [parse_mode(text, args.timeout) for text in texts]
     contexts = [join(config, args.device) for config, _ in modes]  # checks the process count of every mode first
     rank, device = contexts[0].rank, contexts[0].device
     request = VideoRequest(start_images=[gradient_image(width, height)], frames=args.frames, size=(height, width),
                            steps=args.steps, seed=0)  # fmt: skip
     base = RuntimeOptions(device=str(device), dtype=args.dtype, memory_mode="full_gpu")
+    thresholds = sorted({o.get("teacache_threshold") for _, o in modes}, key=lambda t: -1 if t is None else t)
     serial: dict[float | None, dict] = {}
     if rank == 0:
-        for threshold in sorted({t for _, t in modes}, key=lambda t: -1 if t is None else t):
+        for threshold in thresholds:
             serial[threshold] = run_once(args.model, replace(base, teacache_threshold=threshold), request)
     contexts[0].barrier()
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
-    for (config, threshold), context in zip(modes, contexts):
-        result = run_once(args.model, replace(base, parallel=config, teacache_threshold=threshold), request)
+    for text, (config, overrides), context in zip(texts, modes, contexts):
+        result = run_once(args.model, replace(base, parallel=config, **overrides), request)
         skipped = [None] * context.world_size
         dist.all_gather_object(skipped, result["skipped"])
         if rank != 0:
             continue
-        name = config.label + (f",teacache={threshold:g}" if threshold is not None else "")
+        name = mode_name(text)
         save_file({"latents": result["latents"], "video": result["video"]}, str(args.out / f"{name}.safetensors"))
-        reference = serial[threshold]
+        reference = serial[overrides.get("teacache_threshold")]
         records.append({
-            "mode": name, "world_size": config.world_size,
+            "mode": name, "world_size": config.world_size, "reference": serial_name(overrides.get("teacache_threshold")),
             "latents_max_abs": _difference(result["latents"], reference["latents"]),
             "latents_scale": reference["latents"].abs().max().item(),
             "video_max_abs": _difference(result["video"], reference["video"]),
@@ -163,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     vae = vae_check(args.model, base, args.vae_latents, (height, width), contexts[0]) if args.vae_latents else None
     if rank == 0:
         for threshold, result in serial.items():
-            tag = "serial" + (f",teacache={threshold:g}" if threshold is not None else "")
-            save_file({"latents": result["latents"], "video": result["video"]}, str(args.out / f"{tag}.safetensors"))
+            tensors = {"latents": result["latents"], "video": result["video"]}
+            save_file(tensors, str(args.out / f"{serial_name(threshold)}.safetensors"))
         report = {"config": {k: str(v) for k, v in vars(args).items()}, "modes": records, "vae": vae}
         atomic_write(args.out / "parallel_check.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
         atomic_write(args.out / "parallel_check.md", lambda p: p.write_text(markdown(report)))

@@ -90,6 +90,7 @@ def rank_device(device: str, local_rank: int) -> torch.device:
 
 
 _contexts: dict[ParallelConfig, ParallelContext] = {}
+_owned = False  # whether join() made the process group (leave() then destroys it)
 
 
 def join(config: ParallelConfig, device: str) -> ParallelContext:
@@ -107,6 +108,7 @@ def join(config: ParallelConfig, device: str) -> ParallelContext:
     rank, world_size, local_rank = launched
     config.check_world(world_size)
     target = rank_device(device, local_rank)
+    global _owned
     if not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
         if backend == "nccl":
@@ -116,6 +118,7 @@ def join(config: ParallelConfig, device: str) -> ParallelContext:
             timeout=timedelta(seconds=config.timeout_s),
             device_id=target if backend == "nccl" else None,
         )
+        _owned = True
         log.info("rank %d of %d joined (%s, %s, timeout %.0f s)", rank, world_size, backend, target, config.timeout_s)
     coords = config.coords(rank)
 
@@ -156,7 +159,11 @@ def prepare_run(
 
 
 def leave() -> None:
-    """Destroy the process group and forget every context (the end of a job)."""
+    """Forget every context and destroy the process group if `join` made it (a caller's own group stays).
+
+    Call it once, when the process is done: a torchrun job's rendezvous cannot be joined a second time."""
+    global _owned
     _contexts.clear()
-    if dist.is_initialized():
+    if _owned and dist.is_initialized():
         dist.destroy_process_group()
+    _owned = False

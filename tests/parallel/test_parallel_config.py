@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ruyi_trt.models.transformer import TransformerConfig
@@ -96,3 +98,31 @@ def test_token_split_is_even_and_frame_aligned_when_frames_divide() -> None:
     sizes = split_sizes(per_frame * frames, 6)
     assert all(size % per_frame == 0 for size in sizes)  # 30 frames over 6 ranks: 5 whole frames each
     assert max(split_sizes(per_frame * frames, 8)) - min(split_sizes(per_frame * frames, 8)) <= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--parallel", "ulysses=2,cfg=2"], "needs 4 processes .* but this job has 2"),  # more ranks than processes
+        (["--parallel", "ulysses=4"], "the transformer has 2 attention heads"),  # the tiny model
+        (["--parallel", "cfg=2", "--cfg", "1"], "guidance is off"),
+        (["--parallel", "ulysses=2", "--backend", "ort"], "torch backend only"),
+        (["--parallel", "ulysses=2", "--enhance-a-video", "1"], "drop one of them"),
+        (["--parallel", "ulysses=2:ring=2"], "is not a whole number"),
+    ],
+)
+def test_run_refuses_bad_parallel_values_before_loading(
+    args: list[str], match: str, monkeypatch: pytest.MonkeyPatch, tmp_path, start_png, tiny_dir
+) -> None:
+    """Inside a (pretended) 2-process torchrun job: the checks run before any process group or weight."""
+    from click.testing import CliRunner
+
+    from ruyi_trt.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "video.mp4"
+    result = CliRunner().invoke(main, ["run", "--model", "tiny", "--image", str(start_png), "--out", str(out), *args])
+    assert result.exit_code != 0
+    assert re.search(match, result.output), result.output
+    assert not out.exists()
