@@ -52,23 +52,31 @@ def doctor() -> None:
 @click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
 @click.option("--lora-strength", default=1.0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Spread the video over the processes of `torchrun --nproc-per-node K $(which ruyi-trt) run ...` (K = ulysses x ring x cfg): tokens split over ulysses x ring ranks, the CFG halves over cfg=2 rank groups.")
+@click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others before the whole job stops with an error.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress) -> None:
+        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress, parallel,
+        parallel_timeout) -> None:
     """Generate a video from a start image (and optionally an end image)."""
     from .models.checkpoint import Checkpoint
     from .models.checkpoint_io import CheckpointError
     from .runtime.loading import RuntimeOptions, memory_plan
+    from .runtime.parallel import ParallelConfig, ParallelConfigError, ParallelError, leave
     from .runtime.pipeline import GenerationError, RuyiPipeline
     from .runtime.request import VideoRequest
     from .runtime.video import check_output_path
 
+    try:
+        parallel = ParallelConfig.parse(parallel, parallel_timeout) if parallel else None
+    except ParallelConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--parallel") from exc
     if plan_only:
         dtype = dtype or "bf16"  # plan for the GPU run, also from a machine without one
     run_options = dict(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
         fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
-        lora_strength=lora_strength, vram_budget=vram_budget_gb,
+        lora_strength=lora_strength, vram_budget=vram_budget_gb, parallel=parallel,
     )  # fmt: skip
     video_options = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
@@ -91,17 +99,25 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         if frames_dir is not None:
             check_output_path(frames_dir, "--frames-dir")
         request = VideoRequest.from_inputs(list(images), list(end_images) or None, **video_options)
+        if parallel is not None:
+            parallel.check_guidance(request.guidance_scale > 1.0)  # before any process group forms
         pipe = RuyiPipeline.from_pretrained(model, **run_options)
         plan = pipe.plan(request)
         if plan is not None:
             click.echo(plan.describe())
         video = pipe.generate(request, progress=not no_progress)
-        video.save(out)
-        if frames_dir is not None:
-            video.save_frames(frames_dir)
-    except (ValueError, TypeError, CheckpointError, GenerationError, ImportError) as exc:
+        main_rank = pipe.parallel is None or pipe.parallel.is_main
+        if main_rank:  # under --parallel every rank has the video; rank 0 writes it
+            video.save(out)
+            if frames_dir is not None:
+                video.save_frames(frames_dir)
+        if pipe.parallel is not None:
+            pipe.parallel.barrier()  # the other ranks return once the files exist
+    except (ValueError, TypeError, CheckpointError, GenerationError, ImportError, ParallelError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {out}  ({video.stats.summary()})")
+    leave()
+    if main_rank:
+        click.echo(f"wrote {out}  ({video.stats.summary()})")
 
 
 def _plan_request(images, video_options: dict):
@@ -130,9 +146,12 @@ def _plan_request(images, video_options: dict):
 @click.option("--time-budget", "time_budget_s", default=None, type=float, help="Skip measurements that would start after this many seconds.")
 @click.option("--max-stage-seconds", default=None, type=float, help="Stop timing a stage once its timed calls add up to this (at least one call).")
 @click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Time the parallel mode under `torchrun --nproc-per-node K $(which ruyi-trt) bench ...` (torch backend); rows carry the communication per step.")
+@click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others.")
 def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
-          max_stage_seconds, out) -> None:
+          max_stage_seconds, out, parallel, parallel_timeout) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
+    from .runtime.parallel import ParallelConfig, is_main_process, leave
     from .tools.bench import BenchConfig, parse_shapes, run_bench
 
     try:
@@ -141,10 +160,14 @@ def bench(model, backends, resolution, size, frames, stages, steps, warmup, repe
             shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
             steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
             max_stage_seconds=max_stage_seconds,
+            parallel=ParallelConfig.parse(parallel, parallel_timeout) if parallel else None,
         )
         results = run_bench(config, out)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    leave()
+    if not is_main_process():
+        return
     ok = sum(m.status == "ok" for m in results.measurements)
     click.echo(f"{ok}/{len(results.measurements)} measurements ok; wrote {out}/bench.json, bench.md, bench.png")
 

@@ -171,18 +171,22 @@ class VAEConfig:
             chunks.append(DecodeChunk(i, min(i + step, n), "slice", before, after))
         return chunks
 
+    def chunk_latent_frames(self, chunk_frames: int) -> int:
+        """Latent frames that one encoder chunk of `chunk_frames` video frames gives."""
+        t = chunk_frames
+        for _ in range(sum(DOWN_BLOCKS[t] for t in self.down_block_types[:-1])):
+            t = (t + 1) // 2  # stride-2 conv over the chunk zero-padded by one frame each side
+        return t
+
+    def chunk_video_frames(self, chunk: DecodeChunk) -> int:
+        """Video frames that one decoder call gives."""
+        up = 2 ** sum(UP_BLOCKS[t] for t in self.up_block_types[:-1])
+        return (chunk.stop - chunk.start) * (1 if chunk.mode == "one_frame" else up)
+
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames that `encode` gives for `num_frames` video frames."""
-        downs = sum(DOWN_BLOCKS[t] for t in self.down_block_types[:-1])
-        total = 0
-        for start, stop in self.encode_chunks(num_frames):
-            t = stop - start
-            for _ in range(downs):
-                t = (t + 1) // 2  # stride-2 conv over the chunk zero-padded by one frame each side
-            total += t
-        return total
+        return sum(self.chunk_latent_frames(stop - start) for start, stop in self.encode_chunks(num_frames))
 
     def decoded_frames(self, num_latents: int) -> int:
         """Video frames that `decode` gives for `num_latents` latent frames."""
-        up = 2 ** sum(UP_BLOCKS[t] for t in self.up_block_types[:-1])
-        return sum((c.stop - c.start) * (1 if c.mode == "one_frame" else up) for c in self.decode_chunks(num_latents))
+        return sum(self.chunk_video_frames(c) for c in self.decode_chunks(num_latents))

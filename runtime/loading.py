@@ -30,6 +30,7 @@ from .memory.plan import (
     mode_settings,
     plan_memory,
 )
+from .parallel.config import ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class RuntimeOptions:
     enhance_a_video is Enhance-A-Video's weight (None: off; torch backend only): every block's self-attention
     output is scaled by a temporal score on every step (the reference's defaults, no skipped steps;
     `runtime.block_runner.EnhanceAVideoSettings`).
+    parallel spreads one video over the processes of a torchrun job (torch backend; `runtime.parallel`);
+    each rank then runs on its own device (cuda:LOCAL_RANK, or the CPU).
     """
 
     backend: str = "torch"
@@ -65,6 +68,7 @@ class RuntimeOptions:
     lora_strength: float = 1.0
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
+    parallel: ParallelConfig | None = None
 
     @classmethod
     def make(
@@ -81,15 +85,18 @@ class RuntimeOptions:
         enhance_a_video: float | None = None,
         lora: str | Path | None = None,
         lora_strength: float = 1.0,
+        parallel: ParallelConfig | str | None = None,
     ) -> RuntimeOptions:
         """Validated options from `RuyiPipeline.from_pretrained`'s keywords: device defaults to cuda when a GPU is
-        visible (else cpu), dtype to `default_dtype(device, backend)`."""
+        visible (else cpu), dtype to `default_dtype(device, backend)`; `parallel` is a ParallelConfig or its
+        `ulysses=N[,ring=M][,cfg=2]` string."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         options = cls(
             backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
             offload_steps=offload_steps, fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache,
             lora=str(lora) if lora is not None else None, lora_strength=lora_strength, vram_budget_gb=vram_budget,
             enhance_a_video=enhance_a_video,
+            parallel=ParallelConfig.parse(parallel) if isinstance(parallel, str) else parallel,
         )  # fmt: skip
         options.validate()
         return options
@@ -114,6 +121,11 @@ class RuntimeOptions:
         if self.enhance_a_video is not None and self.backend != "torch":
             raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
                              "use --backend torch.")
+        if self.parallel is not None and self.backend != "torch":
+            raise ValueError(f"backend {self.backend}: --parallel runs the torch backend only; use --backend torch.")
+        if self.parallel is not None and self.enhance_a_video is not None:
+            raise ValueError("--enhance-a-video scores attention over every frame and the whole batch, which no rank "
+                             "holds under --parallel; drop one of them.")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
             raise ValueError(f"vram_budget_gb: {self.vram_budget_gb} must be positive (GiB).")
         if self.backend == "ort" and self.dtype == "bf16":
@@ -175,6 +187,9 @@ def memory_plan(
 
     None when there is nothing to plan for: memory_mode auto with neither a CUDA GPU nor --vram-budget (the run
     then stays in host memory); with `plan_only` that case raises instead."""
+    if options.parallel is not None:
+        options.parallel.check_heads(checkpoint.transformer.num_attention_heads)
+        options.parallel.check_guidance(cfg)
     budget = device_budget_bytes(options.device, options.vram_budget_gb)
     if budget is None and options.memory_mode == "auto":
         if plan_only:
@@ -185,6 +200,8 @@ def memory_plan(
         height=height, width=width, frames=frames, cfg=cfg, dtype=options.dtype, fp8=options.fp8,
         teacache=options.teacache_threshold is not None, steps=steps, memory_mode=options.memory_mode,
         offload_steps=options.offload_steps, budget_bytes=budget,
+        sequence_parallel=options.parallel.sequence if options.parallel else 1,
+        cfg_parallel=bool(options.parallel and options.parallel.cfg > 1),
     )  # fmt: skip
     return plan_memory(checkpoint.transformer, checkpoint.vae, ClipSpec.from_config(checkpoint.image_encoder), request)
 
@@ -218,7 +235,12 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
         count = store_weights_fp8(transformer, options.fp8, transformer.config.hidden_size, options.fp8_storage)
         log.info("FP8 (%s, %s): %d transformer layers stored in fp8", options.fp8, options.fp8_storage, count)
     offload_models = settings.offload_models and device.type == "cuda"
-    denoiser = BlockRunner(
+    runner, context = BlockRunner, {}
+    if options.parallel is not None:
+        from .parallel import ParallelBlockRunner, join
+
+        runner, context = ParallelBlockRunner, {"context": join(options.parallel, options.device)}
+    denoiser = runner(
         transformer,
         device=device,
         dtype=dtype,
@@ -230,7 +252,13 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
         enhance_a_video=(
             EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
         ),
+        **context,
     )
-    return torch_components(
+    components = torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
     )
+    if options.parallel is not None:
+        from .parallel import spread_vae
+
+        components = spread_vae(components, vae, context["context"], torch.device("cpu") if offload_models else device)
+    return components

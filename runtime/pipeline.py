@@ -34,6 +34,7 @@ from .conditioning import clip_pixel_values, image_to_video_condition, prepare_m
 from .denoising import denoise_step, sample_posterior, transformer_conditioning
 from .loading import RuntimeOptions, load_components, memory_plan, plan_depends_on_video
 from .memory.plan import MemoryPlan
+from .parallel import ParallelContext, ParallelError, join
 from .request import ImageInput, VideoRequest
 from .stats import RunStats, StageTimer
 from .video import to_uint8_frames, write_frames, write_video
@@ -71,6 +72,11 @@ class RuyiPipeline:
 
     def __init__(self, checkpoint: Checkpoint, options: RuntimeOptions, components: Components | None = None):
         options.validate()
+        self.parallel: ParallelContext | None = None  # this rank's part of a torchrun job (options.parallel)
+        if options.parallel is not None:
+            options.parallel.check_heads(checkpoint.transformer.num_attention_heads)
+            self.parallel = join(options.parallel, options.device)
+            options = replace(options, device=str(self.parallel.device))
         self.checkpoint, self.options = checkpoint, options
         self._components = components
         self._plan: MemoryPlan | None = None
@@ -190,11 +196,17 @@ class RuyiPipeline:
     def generate(
         self, request: VideoRequest, callback: ProgressCallback | None = None, progress: bool = True
     ) -> Video:
-        """Make the video `request` describes (see `__call__` for the options)."""
+        """Make the video `request` describes (see `__call__` for the options). Under --parallel every rank calls
+        this and every rank gets the video; only rank 0 shows progress."""
+        if self.options.parallel is not None:
+            self.options.parallel.check_guidance(request.guidance_scale > 1.0)
+        progress = progress and (self.parallel is None or self.parallel.is_main)
         try:
             self.load(request)
             pixels, stats = self.run(request, progress=progress,
                                      on_step=(lambda done, total: callback("denoise", done, total)) if callback else None)  # fmt: skip
+        except ParallelError as exc:
+            raise GenerationError(str(exc)) from exc
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise GenerationError(
                 f"out of memory ({exc}). Try memory_mode auto (with a smaller VRAM budget), low_gpu, offload steps "

@@ -109,8 +109,8 @@ class Session:
 class CheckpointModel:
     """A checkpoint folder (or the tiny preset), loaded through the public pipeline once per backend."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: str):
-        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: str, context=None):
+        self.checkpoint, self.device, self.dtype, self.context = checkpoint, device, dtype, context
         self.transformer_config, self.vae_config = checkpoint.transformer, checkpoint.vae
         self.name = str(checkpoint.folder)
 
@@ -123,7 +123,7 @@ class CheckpointModel:
         path = FAST_PATHS.get(status.name)
         pipeline = RuyiPipeline.from_pretrained(
             self.checkpoint, backend="torch" if path else status.name, device=str(self.device), dtype=self.dtype,
-            memory_mode=path.memory_mode if path else "full_gpu",
+            memory_mode=path.memory_mode if path else "full_gpu", parallel=self.context.config if self.context else None,
         )  # fmt: skip
         comps = pipeline.components
         if path:
@@ -159,8 +159,8 @@ class FullRandomModel:
     backend. The VAE and the CLIP tower are built only when their stages are asked for; there is no control
     embedding file or scheduler config, so the whole run cannot be timed."""
 
-    def __init__(self, device: torch.device, dtype: str, stages: tuple[str, ...]):
-        self.device, self.dtype, self.stages = device, dtype, stages
+    def __init__(self, device: torch.device, dtype: str, stages: tuple[str, ...], context=None):
+        self.device, self.dtype, self.stages, self.context = device, dtype, stages, context
         self.transformer_config, self.vae_config = TransformerConfig.full(), VAEConfig.full()
         self.name = FULL_RANDOM
         self._modules: dict[str, torch.nn.Module] = {}
@@ -196,6 +196,10 @@ class FullRandomModel:
             if path and path.memory_mode == "low_gpu":
                 denoiser = BlockRunner(transformer, self.device, dtype, resident_blocks=0)
                 close = lambda: transformer.to(self.device)  # put the streamed blocks back
+            elif self.context is not None:
+                from ..runtime.parallel import ParallelBlockRunner
+
+                denoiser = ParallelBlockRunner(transformer, self.device, dtype, context=self.context)
             else:
                 denoiser = ModuleDenoiser(transformer)
             if path:
@@ -210,10 +214,16 @@ class FullRandomModel:
                 close()
 
         config = self.transformer_config
+        encode, decode = (lambda video: vae.encode(video).mean), (lambda latents: vae.decode(latents))
+        if self.context is not None:
+            from ..runtime.parallel import vae as spread
+
+            encode = lambda video: spread.encode_moments(vae, video, self.context).chunk(2, dim=1)[0]
+            decode = lambda latents: spread.decode(vae, latents, self.context)
         return Session(
             image_encoder=(lambda pixel_values: clip(pixel_values)) if clip is not None else None,
-            vae_encoder=(lambda video: vae.encode(video).mean) if vae is not None else None,
-            vae_decoder=(lambda latents: vae.decode(latents)) if vae is not None else None,
+            vae_encoder=encode if vae is not None else None,
+            vae_decoder=decode if vae is not None else None,
             denoiser=denoiser,
             clip_tokens=(576, config.projection_dim),
             clip_image_size=336,
@@ -221,13 +231,14 @@ class FullRandomModel:
         )
 
 
-def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, ...]):
-    """`tiny`, `full-random` or a checkpoint folder -> a model that opens one Session per backend."""
+def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, ...], context=None):
+    """`tiny`, `full-random` or a checkpoint folder -> a model that opens one Session per backend
+    (`context`: this rank's runtime.parallel.ParallelContext under --parallel)."""
     if spec == FULL_RANDOM:
-        return FullRandomModel(device, dtype, stages)
+        return FullRandomModel(device, dtype, stages, context)
     from ..models.checkpoint import Checkpoint
 
-    return CheckpointModel(Checkpoint.resolve(spec, download=False), device, dtype)
+    return CheckpointModel(Checkpoint.resolve(spec, download=False), device, dtype, context)
 
 
 def denoiser_inputs(

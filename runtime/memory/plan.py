@@ -14,6 +14,10 @@ implemented, so it is never planned: when one chunk does not fit, the planner sa
 `--memory-mode` maps onto the knobs: full_gpu (everything resident), normal (models offloaded between uses),
 low_gpu (normal + every block streamed), auto (the cheapest feasible combination under a simple transfer
 cost model: PCIe bytes that cannot hide behind compute).
+
+Under `--parallel` (runtime.parallel) each rank plans for its own part: `sequence_parallel` ranks share the
+tokens of a sample (activations scale with the largest token shard, plus the all-to-all / ring buffers of the
+self-attention), and `cfg_parallel` gives each rank one CFG sample. Weights are whole on every rank.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class PlanRequest:
     memory_mode: str = "auto"
     offload_steps: int | None = None  # None: the mode's default (auto: planner's choice, otherwise 0)
     budget_bytes: int | None = None
+    sequence_parallel: int = 1  # ranks sharing one sample's tokens (ulysses x ring)
+    cfg_parallel: bool = False  # the two CFG samples on two rank groups
 
     def validate(self) -> None:
         if self.memory_mode not in PLAN_MODES:
@@ -94,6 +100,10 @@ class PlanRequest:
             raise ValueError(f"offload_steps: {self.offload_steps} must be >= 0.")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise ValueError(f"vram budget: {self.budget_bytes} bytes must be positive.")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel: {self.sequence_parallel} must be >= 1.")
+        if self.cfg_parallel and not self.cfg:
+            raise ValueError("cfg_parallel needs classifier-free guidance (cfg=True).")
         if self.memory_mode == "auto" and self.budget_bytes is None:
             raise ValueError("memory_mode auto needs a budget: pass --vram-budget GB (no CUDA GPU to measure).")
 
@@ -106,7 +116,7 @@ class MemoryPlan:
     settings: PlanSettings
     num_blocks: int
     latent_shape: tuple[int, int, int]  # (T, h, w) latent frames and size
-    tokens: int  # transformer tokens per sample
+    tokens: int  # transformer tokens per sample (this rank's largest shard under sequence parallelism)
     stages: dict[str, int]
     denoise_breakdown: dict[str, int]
     slot_bytes: int  # device weight slots for streamed blocks
@@ -149,7 +159,8 @@ class MemoryPlan:
         )
         head = (
             f"Memory plan ({r.memory_mode}) for {r.height}x{r.width}, {r.frames} frames "
-            f"(latents {t}x{lh}x{lw}, {self.tokens:,} tokens per sample), {r.dtype}, fp8 {r.fp8}; {budget}"
+            f"(latents {t}x{lh}x{lw}, {self.tokens:,} tokens per sample{' on this rank' if r.sequence_parallel > 1 else ''}"
+            f"), {r.dtype}, fp8 {r.fp8}; {budget}"
         )
         lines = [head]
         if self.streamed_blocks:
@@ -167,7 +178,11 @@ class MemoryPlan:
         else:
             lines.append(f"  long skips: all {self.total_skips} kept on the device")
         lines.append("  CFG: " + ("two passes of batch 1" if s.cfg_split else (
+            "one sample on this rank (the other half on the other CFG rank group)" if r.cfg_parallel else
             "one batch of 2" if r.cfg else "off (batch 1)")))
+        if r.sequence_parallel > 1:
+            lines.append(f"  sequence parallel: {r.sequence_parallel} ranks share each sample's tokens; this rank "
+                         f"holds at most {self.tokens:,} (activations scale with it, weights do not)")
         lines.append("  models: " + ("CLIP, VAE and transformer on the device only while each runs"
                                      if s.offload_models else "all kept on the device"))
         latents, frames = self.vae_chunk
@@ -253,15 +268,17 @@ class _Planner:
         scale, p = vcfg.spatial_factor, tcfg.patch_size
         self.latent = (vcfg.latent_frames(request.frames), request.height // scale, request.width // scale)
         t, lh, lw = self.latent
-        self.tokens = t * (lh // p) * (lw // p)
-        self.batch = 2 if request.cfg else 1
+        whole = t * (lh // p) * (lw // p)
+        self.tokens = -(-whole // request.sequence_parallel)  # this rank's largest token shard
+        self.batch = 1 if request.cfg_parallel else 2 if request.cfg else 1
         self.sources = tcfg.skip_sources
         self.working_sets = {  # per stage, without weights
             "clip": clip_activation_bytes(clip, self.a),
             "vae encode": vae_encode_bytes(vcfg, request.height, request.width, request.frames, self.a),
             "vae decode": vae_decode_bytes(vcfg, request.height, request.width, request.frames, self.a),
         }
-        self.compute_s = step_flops(tcfg, self.batch, self.tokens) / DEVICE_FLOPS
+        ranks = request.sequence_parallel * (2 if request.cfg_parallel else 1)
+        self.compute_s = step_flops(tcfg, 2 if request.cfg else 1, whole) / DEVICE_FLOPS / ranks
 
     def slot_bytes(self, resident: int) -> int:
         streamed = range(resident, self.weights.num_blocks)
@@ -287,7 +304,7 @@ class _Planner:
             "weights (streaming slots)": slots,
             "hidden states": full_h + h + (h if s.cfg_split else 0) + (2 * full_h if r.teacache else 0),
             "long skips": skips_peak * h,
-            "block working set": max(transient.values()),
+            "block working set": max(transient.values()) + _sequence_parallel_buffers(r.sequence_parallel, h),
             "conditioning": conditioning_bytes(tcfg, self.batch, call, latent_elems, self.a),
         }
         ws = self.working_sets
@@ -342,6 +359,13 @@ def plan_memory(tcfg: TransformerConfig, vcfg: VAEConfig, clip: ClipSpec, reques
         return _with_notes(best)
     leanest = min(plans, key=lambda p: p.peak_bytes)
     raise MemoryPlanError(_explain_infeasible(leanest))
+
+
+def _sequence_parallel_buffers(sequence_parallel: int, h: int) -> int:
+    """Extra self-attention memory of a sequence-parallel rank, in hidden states h of its shard: the all-to-all
+    send copy and receive buffer next to q, k, v (2 h), plus the ring's key/value messages in flight and its
+    float32 output accumulator (about 3 h more)."""
+    return 0 if sequence_parallel == 1 else 5 * h
 
 
 def _with_notes(plan: MemoryPlan) -> MemoryPlan:
