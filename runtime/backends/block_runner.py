@@ -136,8 +136,8 @@ class BlockRunner:
         for name, child in self.model.named_children():
             if name != "blocks":
                 child.to(where)
-        for name, param in self.model.named_parameters(recurse=False):
-            param.data = param.data.to(where)
+        for name, param in list(self.model.named_parameters(recurse=False)):
+            self.model._parameters[name] = torch.nn.Parameter(param.detach().to(where), requires_grad=False)
 
     def _to_device(self) -> None:
         if not self.streamer.on_device:

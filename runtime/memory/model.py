@@ -199,18 +199,30 @@ def conditioning_bytes(cfg: TransformerConfig, batch: int, call: CallShape, late
     return (text + clip + raw + latents + batch * cfg.inner_dim) * dtype_bytes + rope
 
 
-def vae_decode_bytes(cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int) -> int:
-    """Working set of the VAE decode of one temporal chunk (plus the decoded video) at height x width."""
+def _tile_extent(size: int, tile: int | None) -> int:
+    return size if tile is None else min(size, tile)
+
+
+def vae_decode_bytes(
+    cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int, tile: int | None = None
+) -> int:
+    """Working set of the VAE decode of one temporal chunk (plus the decoded video) at height x width; with
+    spatial tiling (`tile` pixels) the chunk's working set is one tile's, plus the fp32 blend accumulator."""
     chunk_frames = cfg.mini_batch_decoder * cfg.temporal_factor
     channels = cfg.block_out_channels[1] if len(cfg.block_out_channels) > 1 else cfg.block_out_channels[0]
-    largest = channels * chunk_frames * height * width * dtype_bytes
+    th, tw = _tile_extent(height, tile), _tile_extent(width, tile)
+    largest = channels * chunk_frames * th * tw * dtype_bytes
     video = 3 * frames * height * width
-    return VAE_RESNET_LIVE * largest + video * (2 * dtype_bytes + 4 * VIDEO_FP32_COPIES)
+    blend = 0 if (th, tw) == (height, width) else 2 * 3 * chunk_frames * height * width * 4
+    return VAE_RESNET_LIVE * largest + blend + video * (2 * dtype_bytes + 4 * VIDEO_FP32_COPIES)
 
 
-def vae_encode_bytes(cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int) -> int:
-    """Working set of the VAE encode of one chunk (plus the conditioning video on the device)."""
-    largest = cfg.block_out_channels[0] * cfg.mini_batch_encoder * height * width * dtype_bytes
+def vae_encode_bytes(
+    cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int, tile: int | None = None
+) -> int:
+    """Working set of the VAE encode of one chunk (plus the conditioning video on the device), tiled or not."""
+    th, tw = _tile_extent(height, tile), _tile_extent(width, tile)
+    largest = cfg.block_out_channels[0] * cfg.mini_batch_encoder * th * tw * dtype_bytes
     return VAE_RESNET_LIVE * largest + 2 * 3 * frames * height * width * dtype_bytes
 
 

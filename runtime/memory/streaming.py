@@ -73,8 +73,8 @@ class FlatLayout:
         """Point `module`'s tensors at `flat` (contents as they are)."""
         for entry, view in zip(self.entries, self.views(flat), strict=True):
             owner = module.get_submodule(entry.owner)
-            if entry.is_param:
-                owner._parameters[entry.name].data = view
+            if entry.is_param:  # a new Parameter rather than `.data =`, which cannot change a fake tensor's device
+                owner._parameters[entry.name] = nn.Parameter(view, requires_grad=False)
             else:
                 owner._buffers[entry.name] = view
 
