@@ -19,6 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PAGE_BYTES = mmap.PAGESIZE
+FLAT_ALIGN = 256  # bytes: every tensor of a flat block buffer starts at a multiple of this
 
 
 class _PinnedBytes:

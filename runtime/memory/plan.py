@@ -42,6 +42,7 @@ from .model import (
     clip_activation_bytes,
     clip_weight_bytes,
     conditioning_bytes,
+    flat_block_bytes,
     gib,
     hidden_bytes,
     step_flops,
@@ -317,7 +318,7 @@ class _Planner:
 
     def host_bytes(self, s: PlanSettings, h: int, skips_on_host: int) -> dict[str, int]:
         w, r = self.weights(s.fp8), self.request
-        streamed = sum(page_rounded(w.block(i)) for i in range(s.resident_blocks, w.num_blocks))
+        streamed = sum(page_rounded(flat_block_bytes(self.tcfg, w, i)) for i in range(s.resident_blocks, w.num_blocks))
         resident_w = w.other + sum(w.block(i) for i in range(s.resident_blocks))
         video = 3 * r.frames * r.height * r.width * 4
         return {

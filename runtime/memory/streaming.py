@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .host import PinnedBuffer
+from .host import FLAT_ALIGN, PinnedBuffer
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,6 @@ def signature(module: nn.Module) -> tuple:
     """Names, shapes and dtypes of a module's tensors: blocks with equal signatures can share a slot."""
     named = list(module.named_parameters()) + list(module.named_buffers())
     return tuple((name, tuple(t.shape), t.dtype) for name, t in named)
-
-
-FLAT_ALIGN = 256  # bytes: every tensor of a flat buffer starts at a multiple of this
 
 
 @dataclass(frozen=True)
