@@ -37,11 +37,11 @@ namespace { struct R { R() { if (!impl::hasDeviceGuardImpl(DeviceType::CUDA)) {
 """
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator's rounding
 REPLACED = (
-    "CUDA streams and events: in-order stand-ins (copies complete at once; the device tensors the code keeps "
-    "referenced until a copy's consumer runs are counted as they are on a GPU)",
+    ("CUDA streams and events: in-order stand-ins (copies complete at once; the device tensors the code keeps "
+     "referenced until a copy's consumer runs are counted as they are on a GPU)"),
     "page-locked host buffers (cudaHostRegister): fake host tensors of the same size",
-    "nn.Module.to between devices: before torch swaps a fake parameter, the fake mode's real-to-fake memo "
-    "(whose weak references forbid the swap) is cleared",
+    ("nn.Module.to between devices: before torch swaps a fake parameter, the fake mode's real-to-fake memo "
+     "(whose weak references forbid the swap) is cleared"),
 )
 
 
@@ -70,7 +70,7 @@ def register_fake_cuda_guard(cache_dir: Path | None = None) -> None:
         cmd = [compiler, "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                f"-I{torch_dir / 'include'}", str(source), f"-L{torch_dir / 'lib'}", "-lc10",
                f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(partial)]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise FakeCudaUnavailable(f"building the fake CUDA guard shim failed:\n{result.stderr[-2000:]}")
         partial.rename(shim)

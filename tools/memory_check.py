@@ -143,7 +143,7 @@ def report(plan: Any, result: dict, args: argparse.Namespace, seconds: float) ->
                         "measured_over_predicted": got["device"] / predicted,
                         "within_budget": got["device"] <= plan.request.budget_bytes,
                         "within_tolerance": abs(got["device"] - predicted) <= TOLERANCE * predicted,
-                        "host_tensors_measured_gib": got["host"] / GiB, "seconds": got["seconds"]}  # fmt: skip
+                        "host_tensors_measured_gib": got["host"] / GiB}  # fmt: skip
     return {
         "model": args.model, "height": plan.request.height, "width": plan.request.width,
         "frames": plan.request.frames, "vram_budget_gib": args.vram_budget, "dtype": args.dtype,
@@ -163,9 +163,9 @@ def report(plan: Any, result: dict, args: argparse.Namespace, seconds: float) ->
 
 
 def summary(record: dict) -> str:
-    lines = [f"memory_check {record['model']} {record['height']}x{record['width']}x{record['frames']} frames, budget "
-             f"{record['vram_budget_gib']:g} GiB, fp8 {record['settings']['fp8']} (requested {record['fp8_requested']})",
-             "| stage | predicted GiB | measured GiB | measured/predicted |", "|---|---|---|---|"]  # fmt: skip
+    head = (f"memory_check {record['model']} {record['height']}x{record['width']}x{record['frames']} frames, budget "
+            f"{record['vram_budget_gib']:g} GiB, fp8 {record['settings']['fp8']} (requested {record['fp8_requested']})")
+    lines = [head, "| stage | predicted GiB | measured GiB | measured/predicted |", "|---|---|---|---|"]  # fmt: skip
     for name, v in record["stages"].items():
         lines.append(f"| {name} | {v['predicted_gib']:.2f} | {v['measured_gib']:.2f} | {v['measured_over_predicted']:.3f} |")
     lines.append(f"host: predicted {record['host_total_gib']:.2f} GiB total, {record['host_pinned_gib']:.2f} GiB "

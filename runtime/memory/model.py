@@ -296,7 +296,7 @@ __all__ = [
     "transformer_weights",
     "vae_decode_bytes",
     "vae_decode_call_bytes",
-    "vae_encode_call_bytes",
     "vae_encode_bytes",
+    "vae_encode_call_bytes",
     "vae_weight_bytes",
 ]  # fmt: skip

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from ...models.transformer import TransformerConfig
 from ...models.vae_config import VAEConfig
+from ...weights.fp8_storage import FP8_MODES
 from .host import host_ram_bytes, page_rounded
 from .model import (
     DTYPE_BYTES,
@@ -51,7 +52,6 @@ from .model import (
     vae_encode_bytes,
     vae_weight_bytes,
 )
-from ...weights.fp8_storage import FP8_MODES
 from .skip_offload import skip_residency
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class _Planner:
         self.compute_s = step_flops(tcfg, self.batch, self.tokens) / DEVICE_FLOPS
         self.host_limit = int(HOST_RAM_FRACTION * (request.host_ram_bytes or host_ram_bytes()))
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one planner per request, a handful of fp8 modes
+    @functools.cache  # noqa: B019 - one planner per request, a handful of fp8 modes
     def weights(self, fp8: str):
         return transformer_weights(self.tcfg, self.a, fp8)
 

@@ -16,7 +16,7 @@ def test_memory_check_tiny_writes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "check"
     cmd = [sys.executable, "-m", "ruyi_trt.tools.memory_check", "--model", "tiny", "--size", "64x96", "--frames", "8",
            "--vram-budget", "1", "--memory-mode", "low_gpu", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "memory_check.json").read_text())
     assert set(record["stages"]) == {"vae encode", "clip", "denoise", "vae decode"}

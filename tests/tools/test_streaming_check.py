@@ -65,15 +65,13 @@ def stub_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_one_case_measures_every_stage(monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> None:
     """run_case over the tiny pipeline on the CPU: plan -> load -> four stages -> timed step."""
-    from ruyi_trt.models.transformer import TransformerConfig
-    from ruyi_trt.models.vae_config import VAEConfig
     from ruyi_trt.runtime import generate, loading
-    from ruyi_trt.runtime.memory.model import ClipSpec
     from ruyi_trt.runtime.memory.plan import PlanRequest, plan_memory
+    from ruyi_trt.runtime.model_source import model_configs
 
     stub_cuda(monkeypatch)
-    tiny_plan = plan_memory(TransformerConfig.tiny(), VAEConfig.tiny(), ClipSpec(image_size=56), PlanRequest(
-        64, 96, 8, budget_bytes=2**30, host_ram_bytes=64 * 2**30))  # fmt: skip
+    request = PlanRequest(64, 96, 8, budget_bytes=2**30, host_ram_bytes=64 * 2**30)
+    tiny_plan = plan_memory(*model_configs("tiny"), request)
     monkeypatch.setattr(generate, "plan_for_request", lambda *args, **kwargs: tiny_plan)
     monkeypatch.setattr(loading, "load_random_pipeline", lambda options, plan: loading.load_pipeline(tiny_dir))
     record = streaming_check.run_case(Case(64, 96, 8, 1.0), 80 * 2**30, steps_timed=1)
