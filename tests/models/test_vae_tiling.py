@@ -14,12 +14,13 @@ from ruyi_trt.models.vae import RuyiVAE
 from ruyi_trt.models.vae_config import VAEConfig
 from ruyi_trt.models.vae_tiling import SpatialTiling, run_tiled, tile_starts
 
-# Tiled decode/encode of random-weight VAEs differs from the untiled one because GroupNorm and the mid-block
-# attention see one tile, not the frame (the reference's tiling has the same property; a trained VAE on real
-# images differs far less). Measured: 5-9% mean, 12% max relative difference; the bounds leave headroom, and a
-# misplaced or unnormalised tile gives > 50%.
-MEAN_TOLERANCE = 0.15  # mean |tiled - untiled| / mean |untiled|
-MAX_TOLERANCE = 0.30  # max |tiled - untiled| / max |untiled|
+# Tiled decode/encode of a random-weight VAE differs from the untiled one: GroupNorm and the mid-block attention
+# see one tile, not the frame, and 16-latent tiles are close to the decoder's receptive field (the reference's
+# tiling has the same property; its 48-latent tiles on a trained VAE differ far less). Measured on the tiny VAE
+# at 160 x 256 px in 128 px tiles: decode 20% mean / 38% max, encode 13% / 26% relative difference (8-latent
+# tiles: 40-80%). The bounds leave headroom; the exact checks are the local-map and per-tile-cache tests.
+MEAN_TOLERANCE = 0.30  # mean |tiled - untiled| / mean |untiled|
+MAX_TOLERANCE = 0.50  # max |tiled - untiled| / max |untiled|
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -70,27 +71,31 @@ def test_config_tiling_fields_load_and_small_inputs_are_bit_identical() -> None:
         VAEConfig.from_dict({**data, "tile_sample_min_size": 100})
 
 
-@pytest.mark.parametrize("variant", ["slice", "cache"])
 @torch.no_grad()
-def test_tiled_equals_untiled_within_tolerance(variant: str) -> None:
-    """Frames of 2 x 3 tiles that overlap by a quarter tile or more (float32): decode in slice mode and in cache
-    mode (two chunks: one causal cache per tile, carried), and encode."""
-    model = vae(cache_compression_vae=variant == "cache", slice_compression_vae=variant == "slice")
+def test_tiled_equals_untiled_within_tolerance() -> None:
+    """A frame of 2 x 3 tiles that overlap by a quarter tile or more (float32): slice-mode decode and encode."""
+    model = vae()
     gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 16, 2 if variant == "slice" else 3, 20, 32, generator=gen)
-    untiled = model.decode(latents)
+    latents = torch.randn(1, 16, 1, 20, 32, generator=gen)
+    video = F.interpolate(torch.rand(1, 3, 1, 10, 16, generator=gen) * 2 - 1, size=(1, 160, 256))
+    untiled, plain = model.decode(latents), model.encode(video).mean
     model.enable_tiling(SpatialTiling(128, 0.25))  # 16-latent tiles: rows at 0, 4; columns at 0, 12, 16
     tiled = model.decode(latents)
     assert tiled.shape == untiled.shape
-    mean, peak = relative(tiled, untiled)
-    assert mean <= MEAN_TOLERANCE and peak <= MAX_TOLERANCE, (mean, peak)
-    if variant == "cache":
-        _, cache = model.decode_chunk_cached(latents[:, :, :2])
-        assert len(cache) == 6 and all(isinstance(c, list) for c in cache)  # one cache per tile
-    else:
-        video = F.interpolate(torch.rand(1, 3, 1, 10, 16, generator=gen) * 2 - 1, size=(1, 160, 256))
-        model.enable_tiling(None)
-        plain = model.encode(video).mean
-        model.enable_tiling(SpatialTiling(128, 0.25))
-        mean, peak = relative(model.encode(video).mean, plain)
+    for got, want in ((tiled, untiled), (model.encode(video).mean, plain)):
+        mean, peak = relative(got, want)
         assert mean <= MEAN_TOLERANCE and peak <= MAX_TOLERANCE, (mean, peak)
+
+
+@torch.no_grad()
+def test_tiled_cache_decode_carries_one_cache_per_tile() -> None:
+    """Cache mode over two chunks: the tiled decode equals decoding each tile's latents as a whole video (each tile
+    with its own causal cache) and blending, exactly (float32, 1e-5)."""
+    model = vae(cache_compression_vae=True, slice_compression_vae=False, mini_batch_decoder=1)
+    latents = torch.randn(1, 16, 2, 12, 16, generator=torch.Generator().manual_seed(2))
+    tiling = SpatialTiling(64, 0.25)  # 8-latent tiles: rows at 0, 4; columns at 0, 6, 8
+    expected = run_tiled(latents, model.decode, tiling, 1, 8)  # model untiled: one whole decode per tile
+    model.enable_tiling(tiling)
+    torch.testing.assert_close(model.decode(latents), expected, rtol=1e-5, atol=1e-5)
+    _, caches = model.decode_chunk_cached(latents[:, :, :1])
+    assert len(caches) == 6 and all(isinstance(c, list) and c for c in caches)
