@@ -45,7 +45,7 @@ def doctor() -> None:
 @click.option("--offload-steps", default=None, type=int, help="Long-skip activations moved to the host in groups of N (0 = keep on device; default: the planner's choice in auto, else 0).")
 @click.option("--vram-budget", "vram_budget_gb", default=None, type=float, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
 @click.option("--plan-only", is_flag=True, help="Print the memory plan and exit (reads configs only, no weights).")
-@click.option("--fp8", default="none", show_default=True, type=click.Choice(["none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer.")
+@click.option("--fp8", default="auto", show_default=True, type=click.Choice(["auto", "none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer; auto: none, unless --memory-mode auto finds no plan without it.")
 @click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
 @click.option("--teacache", "teacache_threshold", default=None, type=float, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
 @click.option("--enhance-a-video", "enhance_a_video", default=None, type=float, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")

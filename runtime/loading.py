@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoint import Checkpoint
+from ..models.image_encoder import CLIPImageEncoder
+from ..models.transformer import RuyiTransformer3D
+from ..models.vae import RuyiVAE
+from ..models.vae_tiling import SpatialTiling
 from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, store_weights_fp8
 from ..weights.lora import load_lora, merge_lora
 from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
@@ -79,7 +83,7 @@ class RuntimeOptions:
         memory_mode: str = "auto",
         vram_budget: float | None = None,
         offload_steps: int | None = None,
-        fp8: str = "none",
+        fp8: str = "auto",
         fp8_storage: str = "fp8_e4m3fn",
         teacache: float | None = None,
         enhance_a_video: float | None = None,
@@ -106,7 +110,7 @@ class RuntimeOptions:
             "backend": (self.backend, BACKENDS),
             "dtype": (self.dtype, tuple(DTYPES)),
             "memory_mode": (self.memory_mode, MEMORY_MODES),
-            "fp8": (self.fp8, FP8_MODES),
+            "fp8": (self.fp8, (*FP8_MODES, "auto")),
             "fp8_storage": (self.fp8_storage, tuple(FP8_DTYPES)),
         }
         for name, (value, allowed) in choices.items():
@@ -132,7 +136,7 @@ class RuntimeOptions:
             raise ValueError("dtype: bf16 is not supported by backend ort (ONNX Runtime's Python API has no bfloat16 "
                              "arrays); use fp16 or fp32.")
         if self.backend == "ort":
-            torch_only = {"fp8": self.fp8 != "none", "lora": self.lora is not None, "offload_steps": bool(self.offload_steps),
+            torch_only = {"fp8": self.fp8 not in ("none", "auto"), "lora": self.lora is not None, "offload_steps": bool(self.offload_steps),
                           "teacache": self.teacache_threshold is not None,
                           "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # ORT places its own memory
             used = [name for name, on in torch_only.items() if on]
@@ -162,8 +166,8 @@ def run_settings(options: RuntimeOptions, num_blocks: int, plan: MemoryPlan | No
         if torch.device(options.device).type != "cpu":
             raise ValueError("memory_mode auto needs a MemoryPlan for the video size (runtime.loading.memory_plan; "
                              "RuyiPipeline makes one).")
-        return mode_settings("full_gpu", options.offload_steps, num_blocks)
-    return mode_settings(options.memory_mode, options.offload_steps, num_blocks)
+        return mode_settings("full_gpu", options.offload_steps, num_blocks, options.fp8)
+    return mode_settings(options.memory_mode, options.offload_steps, num_blocks, options.fp8)
 
 
 def plan_depends_on_video(options: RuntimeOptions) -> bool:
@@ -228,12 +232,28 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     transformer = checkpoint.load_transformer(dtype, load_device)
     vae = checkpoint.load_vae(dtype, load_device)
     image_encoder = checkpoint.load_image_encoder(dtype, load_device)
+    return assemble_torch_components(transformer, vae, image_encoder, options, settings)
+
+
+def assemble_torch_components(
+    transformer: RuyiTransformer3D,
+    vae: RuyiVAE,
+    image_encoder: CLIPImageEncoder,
+    options: RuntimeOptions,
+    settings: PlanSettings,
+) -> Components:
+    """The torch backend over loaded modules: LoRA merged, the plan's FP8 storage and VAE tiling applied, and the
+    block runner that executes the memory settings (per rank under --parallel)."""
+    device, dtype = torch.device(options.device), DTYPES[options.dtype]
     if options.lora:
         merged = merge_lora(transformer, load_lora(options.lora), options.lora_strength)
         log.info("LoRA %s merged into %d layers (strength %s)", options.lora, len(merged), options.lora_strength)
-    if options.fp8 != "none":
-        count = store_weights_fp8(transformer, options.fp8, transformer.config.hidden_size, options.fp8_storage)
-        log.info("FP8 (%s, %s): %d transformer layers stored in fp8", options.fp8, options.fp8_storage, count)
+    if settings.fp8 != "none":  # the plan's choice (options.fp8, or what --fp8 auto picked)
+        count = store_weights_fp8(transformer, settings.fp8, transformer.config.hidden_size, options.fp8_storage)
+        log.info("FP8 (%s, %s): %d transformer layers stored in fp8", settings.fp8, options.fp8_storage, count)
+    if settings.vae_tile:
+        vae.enable_tiling(SpatialTiling(settings.vae_tile, vae.config.tile_overlap_factor))
+
     offload_models = settings.offload_models and device.type == "cuda"
     runner, context = BlockRunner, {}
     if options.parallel is not None:

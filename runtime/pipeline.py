@@ -70,8 +70,18 @@ class Video:
 class RuyiPipeline:
     """Ruyi image-to-video over a checkpoint and runtime options; see the module docstring."""
 
-    def __init__(self, checkpoint: Checkpoint, options: RuntimeOptions, components: Components | None = None):
-        options.validate()
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        options: RuntimeOptions,
+        components: Components | None = None,
+        embeddings: ControlEmbeddings | None = None,
+    ):
+        """`components`, when given, are ready for `options` (the caller made them); otherwise the options are
+        validated here and the components load on demand (`load`). The control embeddings load from the checkpoint
+        on first use unless given."""
+        if components is None:
+            options.validate()
         self.parallel: ParallelContext | None = None  # this rank's part of a torchrun job (options.parallel)
         if options.parallel is not None:
             options.parallel.check_heads(checkpoint.transformer.num_attention_heads)
@@ -81,7 +91,7 @@ class RuyiPipeline:
         self._components = components
         self._plan: MemoryPlan | None = None
         self._plan_key: tuple | None = None
-        self._embeddings: ControlEmbeddings | None = None
+        self._embeddings = embeddings
 
     @classmethod
     def from_pretrained(
