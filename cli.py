@@ -51,13 +51,17 @@ def doctor() -> None:
 @click.option("--enhance-a-video", "enhance_a_video", default=None, type=float, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
 @click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
 @click.option("--lora-strength", default=1.0, show_default=True)
+@click.option("--compute", default="none", show_default=True, type=click.Choice(["none", "fp8", "int8"]), help="8-bit GEMMs in the transformer blocks (torch backend): fp8 via torch._scaled_mm (GPU compute capability >= 8.9), int8 via torchao (Ampere+, CPU). Not --fp8, which only stores weights in fp8.")
+@click.option("--scales", default=None, type=click.Path(), help="scales.safetensors (or its folder) from `ruyi-trt calibrate` for --compute; default: dynamic per-token scales.")
+@click.option("--attention", default="sdpa", show_default=True, type=click.Choice(["sdpa", "fp8", "fp8-full"]), help="Self-attention kernel (torch backend): fp8 = Triton FP8 kernel, Q.K^T in e4m3 and P.V in the run dtype; fp8-full = P.V in e4m3 too (GPU compute capability >= 8.9).")
+@click.option("--fused-kernels", is_flag=True, help="Fused Triton kernels for norm1 + shift, QK-norm + RoPE and GELU-tanh (torch backend, CUDA).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Spread the video over the processes of `torchrun --nproc-per-node K $(which ruyi-trt) run ...` (K = ulysses x ring x cfg): tokens split over ulysses x ring ranks, the CFG halves over cfg=2 rank groups.")
 @click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others before the whole job stops with an error.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress, parallel,
-        parallel_timeout) -> None:
+        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, compute, scales, attention,
+        fused_kernels, no_progress, parallel, parallel_timeout) -> None:
     """Generate a video from a start image (and optionally an end image)."""
     from .models.checkpoint import Checkpoint
     from .models.checkpoint_io import CheckpointError
@@ -76,7 +80,8 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
     run_options = dict(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
         fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
-        lora_strength=lora_strength, vram_budget=vram_budget_gb, parallel=parallel,
+        lora_strength=lora_strength, vram_budget=vram_budget_gb, parallel=parallel, compute=compute, scales=scales,
+        attention=attention, fused_kernels=fused_kernels,
     )  # fmt: skip
     video_options = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
