@@ -138,11 +138,12 @@ def _plan_request(images, video_options: dict):
 
 @main.command()
 @click.option("--model", default="tiny", show_default=True, help="'tiny', 'full-random' (full-size random weights built on the device, no checkpoint) or a checkpoint folder.")
-@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu.")
+@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu, torch-int8, torch-fp8, torch-fp8-attn, torch-fp8-all, torch-fused.")
 @click.option("--resolution", default="512", show_default=True, help="Comma list of square sizes, e.g. 512,768.")
 @click.option("--size", default=None, help="Comma list of HEIGHTxWIDTH (multiples of 16) instead of --resolution, e.g. 64x64 for the tiny model.")
 @click.option("--frames", default="24", show_default=True, help="Comma list of video lengths (1 or multiples of 8), e.g. 24,120.")
-@click.option("--stages", default="image_encoder,vae_encode,denoise,vae_decode,run", show_default=True, help="Comma list of stages to time.")
+@click.option("--stages", default="image_encoder,vae_encode,denoise,vae_decode,run", show_default=True, help="Comma list of stages to time; add `block` for one full-width transformer block (hidden 2816, 16 x 176 heads) on --block-tokens tokens.")
+@click.option("--block-tokens", default=2048, show_default=True, help="Tokens of the block stage (a multiple of 64).")
 @click.option("--steps", default=2, show_default=True, help="Denoising steps of the whole-run stage.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed calls per stage before timing.")
 @click.option("--repeat", default=3, show_default=True, help="Timed calls per stage (median, min, max).")
@@ -153,8 +154,8 @@ def _plan_request(images, video_options: dict):
 @click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
 @click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Time the parallel mode under `torchrun --nproc-per-node K $(which ruyi-trt) bench ...` (torch backend); rows carry the communication per step.")
 @click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others.")
-def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
-          max_stage_seconds, out, parallel, parallel_timeout) -> None:
+def bench(model, backends, resolution, size, frames, stages, block_tokens, steps, warmup, repeat, dtype, device,
+          time_budget_s, max_stage_seconds, out, parallel, parallel_timeout) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
     from .runtime.parallel import ParallelConfig, is_main_process, leave
     from .tools.bench import BenchConfig, parse_shapes, run_bench
@@ -164,7 +165,7 @@ def bench(model, backends, resolution, size, frames, stages, steps, warmup, repe
             model=model, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
             shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
             steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
-            max_stage_seconds=max_stage_seconds,
+            max_stage_seconds=max_stage_seconds, block_tokens=block_tokens,
             parallel=ParallelConfig.parse(parallel, parallel_timeout) if parallel else None,
         )
         results = run_bench(config, out)
