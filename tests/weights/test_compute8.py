@@ -126,7 +126,7 @@ def test_dynamic_compute_on_the_tiny_transformer(tiny_case, compute):
 @pytest.mark.parametrize(("precision", "cosine"), [("fp8", 0.998), ("int8", 0.995)])
 def test_calibrated_compute_reads_the_scales_file(tiny_case, tmp_path, precision, cosine):
     model, inputs, reference = tiny_case
-    path = write_scales(model, inputs, precision, tmp_path / "scales.safetensors")
+    write_scales(model, inputs, precision, tmp_path / "scales.safetensors")
     scales = read_scales_file(tmp_path)  # the folder works too
     assert scales.precision == precision and len(scales.layers) == 45 and scales.checkpoint_hash == "sha256:test"
     originals = use_8bit_compute(model, precision, scales)
