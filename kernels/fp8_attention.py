@@ -33,6 +33,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LOG2E = 1.4426950408889634
 PV_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
 Q_BLOCK, K_BLOCK = 128, 64  # quantization granularity (tokens per scale), independent of the kernel tiles
+MIN_LANE = 32
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _fp8_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, head), streaming over all keys in BLOCK_N tiles.
-    The head dim is two lanes: columns [0, LANE0) and [LANE0, LANE0 + LANE1) (masked at HEAD_DIM; LANE1 = 0: none)."""
+    The head dim is two lanes: columns [0, LANE0) and [LANE0, LANE0 + LANE1), masked at HEAD_DIM (LANE1 = 0: none)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // heads
@@ -124,11 +125,12 @@ def _fp8_attention_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, LANE0)
+    d0_ok = d0 < HEAD_DIM  # all true unless head_dim < MIN_LANE
     row_ok = offs_m < n_q
     q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    q0 = tl.load(q_base + d0[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q0 = tl.load(q_base + d0[None, :] * stride_qd, mask=row_ok[:, None] & d0_ok[None, :], other=0.0)
     q_scale = tl.load(QS + pid_bh * n_qs + offs_m // Q_BLOCK, mask=row_ok, other=0.0)
     if LANE1 > 0:
         d1 = LANE0 + tl.arange(0, LANE1)
@@ -141,7 +143,8 @@ def _fp8_attention_kernel(
     for start in range(0, n_kv, BLOCK_N):
         kn = start + offs_n
         col_ok = kn < n_kv
-        k0 = tl.load(k_base + kn[None, :] * stride_kn + d0[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
+        k0 = tl.load(k_base + kn[None, :] * stride_kn + d0[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d0_ok[:, None], other=0.0)  # fmt: skip
         scores = tl.dot(q0, k0)  # (M, N) fp32 accumulation of e4m3 products
         if LANE1 > 0:
             k1 = tl.load(k_base + kn[None, :] * stride_kn + d1[:, None] * stride_kd,
@@ -158,7 +161,8 @@ def _fp8_attention_kernel(
             p_lo = (p * 448.0).to(tl.float8e4nv)
         else:
             p_lo = p.to(V.dtype.element_ty)
-        v0 = tl.load(v_base + kn[:, None] * stride_vn + d0[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
+        v0 = tl.load(v_base + kn[:, None] * stride_vn + d0[None, :] * stride_vd,
+                     mask=col_ok[:, None] & d0_ok[None, :], other=0.0)  # fmt: skip
         acc0 = acc0 * alpha[:, None] + tl.dot(p_lo, v0)
         if LANE1 > 0:
             v1 = tl.load(v_base + kn[:, None] * stride_vn + d1[None, :] * stride_vd,
@@ -171,8 +175,9 @@ def _fp8_attention_kernel(
     out_base = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
     out0 = acc0 * norm[:, None]
     if PV_FP8:
-        out0 = out0 * tl.load(VS + pid_bh * HEAD_DIM + d0)[None, :]
-    tl.store(out_base + d0[None, :] * stride_od, out0.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        out0 = out0 * tl.load(VS + pid_bh * HEAD_DIM + d0, mask=d0_ok, other=0.0)[None, :]
+    tl.store(out_base + d0[None, :] * stride_od, out0.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d0_ok[None, :])  # fmt: skip
     if LANE1 > 0:
         out1 = acc1 * norm[:, None]
         if PV_FP8:
@@ -192,12 +197,13 @@ _tuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["n_kv", "HEAD_DIM", "
 
 
 def head_lanes(head_dim: int) -> tuple[int, int]:
-    """The two power-of-two lanes covering head_dim: (largest power of 2 <= d, the rest rounded up; 0 if none)."""
+    """The two power-of-two lanes covering head_dim: (largest power of 2 <= d, the rest rounded up; 0 if none),
+    each at least MIN_LANE wide (e4m3 tensor-core dots need K >= 32); columns past head_dim are masked."""
     if head_dim < 16:
-        raise ValueError(f"head_dim {head_dim} < 16: tl.dot needs at least 16 columns")
+        raise ValueError(f"head_dim {head_dim} < 16 is not supported")
     lane0 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - lane0
-    return lane0, (max(16, next_power_of_2(rest)) if rest else 0)
+    return max(MIN_LANE, lane0), (max(MIN_LANE, next_power_of_2(rest)) if rest else 0)
 
 
 def fp8_attention(

@@ -92,8 +92,9 @@ def test_block_quantization_error_bound():
 
 def test_head_lanes():
     assert head_lanes(176) == (128, 64)  # 176 = 128 + 48 (a 64-wide lane, 16 columns masked)
-    assert head_lanes(16) == (16, 0)
-    assert head_lanes(48) == (32, 16)
+    assert head_lanes(16) == (32, 0)  # lanes are >= 32 wide (e4m3 dots need K >= 32): 16 columns masked
+    assert head_lanes(48) == (32, 32)
+    assert head_lanes(256) == (256, 0)
     with pytest.raises(ValueError, match="head_dim 8"):
         head_lanes(8)
 

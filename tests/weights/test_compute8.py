@@ -166,3 +166,21 @@ def test_bad_scales_files_are_refused(tiny_case, tmp_path):
               str(tmp_path / "alien.safetensors"), metadata={"format": "ruyi-trt-scales/1", "precision": "fp8"})
     with pytest.raises(ScalesError, match="another architecture"):
         use_8bit_compute(model, "fp8", read_scales_file(tmp_path / "alien.safetensors"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+    reason="FP8 GEMMs need a CUDA GPU with compute capability >= 8.9",
+)
+def test_fp8_linear_on_gpu_bf16():
+    """The real path: e4m3 _scaled_mm on the GPU at full width in bf16, dynamic (row-wise) and static (tensor-wise)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layer = nn.Linear(2816, 2816).cuda().bfloat16()
+    x = torch.randn(2, 1024, 2816, generator=gen, device="cuda").bfloat16()
+    with torch.inference_mode():
+        expected = layer(x)
+        dynamic = FP8Linear(layer)(x)
+        static = FP8Linear(layer, input_scale=x.float().abs().amax() / 448.0, per_channel=False)(x)
+    assert dynamic.dtype == torch.bfloat16 and _cosine(dynamic, expected) >= 0.998
+    assert _cosine(static, expected) >= 0.997
