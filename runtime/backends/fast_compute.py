@@ -12,6 +12,7 @@ The kernels need a CUDA GPU (FP8: compute capability >= 8.9); on CPU they run on
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import types
 from collections.abc import Callable
@@ -69,11 +70,8 @@ class FastCompute:
         if self.compute == "fp8" and device.type == "cuda" and not fp8_supported(device):
             return ("compute fp8: FP8 GEMMs need compute capability >= 8.9 (Ada, Hopper, Blackwell); "
                     "use --compute int8 on this GPU.")  # fmt: skip
-        if self.compute == "int8":
-            try:
-                import torchao  # noqa: F401
-            except ImportError:
-                return "compute int8 needs torchao: pip install 'torchao>=0.12'"
+        if self.compute == "int8" and importlib.util.find_spec("torchao") is None:
+            return "compute int8 needs torchao: pip install 'torchao>=0.12'"
         if self.attention != "sdpa" or self.fused_kernels:
             what = f"attention {self.attention}" if self.attention != "sdpa" else "fused kernels"
             reason = kernel_unavailable_reason(device)

@@ -113,3 +113,12 @@ def test_kernels_refused_on_cpu_without_the_interpreter(monkeypatch):
     for options in (RuntimeOptions(attention="fp8"), RuntimeOptions(fused_kernels=True)):
         with pytest.raises(ValueError, match="CUDA"):
             options.validate()
+
+
+def test_doctor_lists_the_torch_options():
+    from ruyi_trt.tools.doctor import collect_report, format_report
+
+    report = collect_report()
+    assert set(report.torch_options) == {"--compute fp8", "--compute int8", "--attention fp8", "--fused-kernels"}
+    assert report.torch_options["--compute int8"][0]  # torchao runs on CPU and GPU
+    assert "torch backend options:" in format_report(report)
