@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from ruyi_trt.cli import main
-from ruyi_trt.export.manifest import component_hash
+from ruyi_trt.models.checkpoint import Checkpoint
 from ruyi_trt.models.presets import tiny_transformer
 from ruyi_trt.models.vae_config import VAEConfig
 from ruyi_trt.runtime.backends.block_runner import BlockRunner
@@ -80,7 +80,7 @@ def test_run_int8_compute_writes_mp4(tiny_dir, start_png, tmp_path):
 
 
 def test_run_fp8_compute_with_calibrated_scales(tiny_dir, start_png, tmp_path):
-    good = _scales_file(tmp_path / "calib", component_hash(tiny_dir, "transformer"))
+    good = _scales_file(tmp_path / "calib", Checkpoint.from_folder(tiny_dir).weights_hash("transformer"))
     out = tmp_path / "fp8.mp4"
     result = _run(start_png, out, "--compute", "fp8", "--scales", str(good))
     assert result.exit_code == 0, result.output
