@@ -102,7 +102,8 @@ class RuyiPipeline:
         (`RuntimeOptions.make`): backend (torch, ort, trt), device (default cuda when visible), dtype (default bf16
         on cuda, fp16 with ort, fp32 on the CPU), memory_mode (auto, full_gpu, normal, low_gpu), vram_budget (GiB),
         offload_steps, fp8 (none, lite, strong, extreme), fp8_storage, teacache (threshold), enhance_a_video
-        (weight), lora (a .safetensors file) and lora_strength."""
+        (weight), lora (a .safetensors file), lora_strength, and the torch backend's compute (none, fp8, int8), scales
+        (a calibrated scales.safetensors or its folder), attention (sdpa, fp8, fp8-full) and fused_kernels."""
         options = RuntimeOptions.make(**options)
         pipe = cls(Checkpoint.resolve(model, download=download), options)
         if not plan_depends_on_video(options):
