@@ -27,12 +27,13 @@ CHOICES = {
     "--motion": ["1", "2", "3", "4", "auto"], "--scheduler": ["DDIM", "Euler", "Euler A", "DPM++", "PNDM"],
     "--backend": ["torch", "ort", "trt"], "--dtype": ["fp32", "bf16", "fp16"],
     "--memory-mode": ["auto", "full_gpu", "normal", "low_gpu"], "--fp8": ["none", "lite", "strong", "extreme"],
-    "--fp8-storage": ["fp8_e4m3fn", "fp8_e5m2"],
+    "--fp8-storage": ["fp8_e4m3fn", "fp8_e5m2"], "--compute": ["none", "fp8", "int8"],
+    "--attention": ["sdpa", "fp8", "fp8-full"],
 }  # fmt: skip
 INTEGERS = {"--frames": (-10, 200), "--steps": (-5, 2000), "--seed": (-(2**70), 2**70), "--offload-steps": (-3, 2000)}
 NUMBERS = {"--cfg": (-5, 50), "--vram-budget": (-1, 5000), "--teacache": (-1, 2), "--enhance-a-video": (-10, 200),
-           "--lora-strength": (-200, 200)}  # fmt: skip
-FLAGS = ("--plan-only", "--no-progress")
+           "--lora-strength": (-200, 200), "--parallel-timeout": (-10, 1e5)}  # fmt: skip
+FLAGS = ("--plan-only", "--no-progress", "--fused-kernels")
 # what a refusal says about the accepted values
 ACCEPTED = re.compile(r"\.\.|one of|\buse\b|\bpass\b|\bgive\b|\bchoose\b|\bput\b|\bconvert\b|\bmust\b|\bneeds\b|"
                       r"\bwithin\b|\bdownload\b|\bdrop\b", re.IGNORECASE)  # fmt: skip
@@ -78,14 +79,16 @@ def _valid() -> dict[str, st.SearchStrategy]:
         "--seed": st.integers(0, 2**64 - 1).map(str), "--offload-steps": st.integers(0, 1000).map(str),
         "--cfg": st.floats(0, 20).map(repr), "--vram-budget": st.floats(0.5, 4096).map(repr),
         "--teacache": st.floats(0.01, 1).map(repr), "--enhance-a-video": st.floats(0, 100).map(repr),
-        "--lora-strength": st.floats(-100, 100).map(repr),
+        "--lora-strength": st.floats(-100, 100).map(repr), "--parallel-timeout": st.floats(1, 1e4).map(repr),
     }  # fmt: skip
     for option, choices in CHOICES.items():
         values[option] = st.sampled_from(choices)
-    values["--backend"] = st.just("torch")  # ort and trt refuse several torch-only options: among "anything"
+    # each valid alone, but refused with several other options: among "anything"
+    values.update({"--backend": st.just("torch"), "--compute": st.just("none"), "--attention": st.just("sdpa")})
     for flag in FLAGS:
         values[flag] = st.booleans()
-    return values
+    values["--fused-kernels"] = st.just(False)  # needs CUDA
+    return values  # --parallel and --scales have no value that is valid alone here: only among "anything"
 
 
 def _anything() -> dict[str, st.SearchStrategy]:
@@ -98,6 +101,8 @@ def _anything() -> dict[str, st.SearchStrategy]:
         "--frames-dir": st.sampled_from(["sub", "notes.txt", "good.png"]) | text,
         "--size": st.builds(lambda h, w: f"{h}x{w}", st.integers(-16, 2100), st.integers(-16, 2100)) | text,
         "--device": st.sampled_from(["cuda", "cuda:0", "cuda:x", "mps", "cpu:1"]) | text, "--lora": paths,
+        "--scales": paths,
+        "--parallel": st.sampled_from(["ulysses=2", "cfg=2", "ring=0", "x", "ulysses=2,ulysses=2", "cfg=3"]) | text,
     }  # fmt: skip
     for option, choices in CHOICES.items():
         values[option] = st.sampled_from(choices) | text
@@ -116,7 +121,7 @@ VALID, ANYTHING = _valid(), _anything()
 @st.composite
 def option_values(draw) -> dict[str, object]:
     """Some options with accepted values, then up to two of them (or others) given anything."""
-    assert set(VALID) == set(ANYTHING) == RUN_OPTIONS, "a `run` option is not fuzzed"
+    assert set(VALID) <= set(ANYTHING) == RUN_OPTIONS, "a `run` option is not fuzzed"
     optional = {option: value for option, value in VALID.items() if option != "--image"}
     options = draw(st.fixed_dictionaries({"--image": VALID["--image"]}, optional=optional))
     for option in draw(st.lists(st.sampled_from(sorted(ANYTHING)), max_size=2, unique=True)):
