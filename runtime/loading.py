@@ -9,6 +9,7 @@ so it also works without the weights (`ruyi-trt run --plan-only`).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..models.transformer import RuyiTransformer3D
 from ..models.vae import RuyiVAE
 from ..models.vae_tiling import SpatialTiling
 from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, store_weights_fp8
-from ..weights.lora import load_lora, merge_lora
+from ..weights.lora import check_lora_file, load_lora, merge_lora
 from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
 from .backends.fast_compute import FastCompute, apply_fast_compute
 from .backends.protocol import Components
@@ -36,12 +37,17 @@ from .memory.plan import (
     plan_memory,
 )
 from .parallel.config import ParallelConfig
+from .request import check_number
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("torch", "ort", "trt")  # ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: trt_backend.py
 MEMORY_MODES = PLAN_MODES
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d{1,3})?")
+MAX_OFFLOAD_STEPS = 1000
+MIN_VRAM_BUDGET_GB, MAX_VRAM_BUDGET_GB = 0.5, 4096.0
+MAX_LORA_STRENGTH = 100.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ class RuntimeOptions:
             fused_kernels=fused_kernels,
         )  # fmt: skip
         options.validate()
+        if options.lora is not None:
+            check_lora_file(options.lora)  # before minutes of loading
         return options
 
     def validate(self) -> None:
@@ -134,12 +142,12 @@ class RuntimeOptions:
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{name}: {value!r} is not supported; use one of {allowed}.")
-        if self.offload_steps is not None and self.offload_steps < 0:
-            raise ValueError(f"offload_steps: {self.offload_steps} must be >= 0.")
+        if self.offload_steps is not None:
+            check_number("offload_steps", self.offload_steps, 0, MAX_OFFLOAD_STEPS, integer=True)
         if self.teacache_threshold is not None and not 0.0 < self.teacache_threshold <= 1.0:
             raise ValueError(f"teacache_threshold: {self.teacache_threshold} must be within (0, 1].")
-        if self.enhance_a_video is not None and not 0.0 <= self.enhance_a_video <= 100.0:
-            raise ValueError(f"enhance_a_video: {self.enhance_a_video} must be within [0, 100] (the reference suggests < 10).")
+        if self.enhance_a_video is not None:
+            check_number("enhance_a_video", self.enhance_a_video, 0.0, 100.0)  # the reference suggests < 10
         if self.enhance_a_video is not None and self.backend != "torch":
             raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
                              "use --backend torch.")
@@ -148,8 +156,9 @@ class RuntimeOptions:
         if self.parallel is not None and self.enhance_a_video is not None:
             raise ValueError("--enhance-a-video scores attention over every frame and the whole batch, which no rank "
                              "holds under --parallel; drop one of them.")
-        if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
-            raise ValueError(f"vram_budget_gb: {self.vram_budget_gb} must be positive (GiB).")
+        if self.vram_budget_gb is not None:
+            check_number("vram_budget_gb", self.vram_budget_gb, MIN_VRAM_BUDGET_GB, MAX_VRAM_BUDGET_GB)
+        check_number("lora_strength", self.lora_strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH)
         if self.backend == "ort" and self.dtype == "bf16":
             raise ValueError("dtype: bf16 is not supported by backend ort (ONNX Runtime's Python API has no bfloat16 "
                              "arrays); use fp16 or fp32.")
@@ -160,9 +169,13 @@ class RuntimeOptions:
             used = [name for name, on in torch_only.items() if on]
             if used:
                 raise ValueError(f"backend ort: {used} only apply to the torch backend; drop them or use --backend torch.")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device: {self.device!r} is not a device; use cpu, cuda or cuda:N (N = 0..GPUs - 1).")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: cuda was requested but no CUDA GPU is visible; use --device cpu.")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device: {self.device} does not exist; use cuda:0..cuda:{torch.cuda.device_count() - 1}.")
         self._validate_fast_compute(device)
 
     def _validate_fast_compute(self, device: torch.device) -> None:
@@ -289,7 +302,11 @@ def assemble_torch_components(
     runner that executes the memory settings (per rank under --parallel)."""
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     if options.lora:
-        merged = merge_lora(transformer, load_lora(options.lora), options.lora_strength)
+        lora_state = load_lora(options.lora)
+        try:
+            merged = merge_lora(transformer, lora_state, options.lora_strength)
+        except ValueError as exc:
+            raise ValueError(f"lora: {options.lora} does not fit this model: {exc}") from exc
         log.info("LoRA %s merged into %d layers (strength %s)", options.lora, len(merged), options.lora_strength)
     if settings.fp8 != "none" and options.compute == "none":  # the plan's choice (options.fp8, or what auto picked)
         count = store_weights_fp8(transformer, settings.fp8, transformer.config.hidden_size, options.fp8_storage)

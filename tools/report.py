@@ -1,20 +1,19 @@
 """Benchmark results: the record of one measurement, and the JSON, markdown and PNG files written from them.
 
-Every file is written atomically (a temp file in the same folder, then a rename), so a benchmark killed by a
-timeout leaves the previous complete version of each file, never a truncated one.
+Every file is written atomically (files.atomic_write: a temp file in the same folder, fsync, then a rename), so
+a benchmark killed by a timeout leaves the previous complete version of each file, never a truncated one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..deps import require
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +93,6 @@ class BenchResults:
             "notes": self.notes,
             "measurements": [m.to_dict() for m in self.measurements],
         }
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -221,9 +207,11 @@ def plot_png(results: BenchResults) -> bytes:
 def write_report(results: BenchResults, out: Path, plot: bool = True) -> dict[str, Path]:
     """Write bench.json, bench.md and (with `plot`) bench.png into `out`; returns their paths."""
     paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
-    atomic_write(paths["json"], (json.dumps(results.to_dict(), indent=2, default=str) + "\n").encode())
-    atomic_write(paths["markdown"], markdown(results).encode())
+    text = json.dumps(results.to_dict(), indent=2, default=str) + "\n"
+    atomic_write(paths["json"], lambda tmp: tmp.write_text(text))
+    atomic_write(paths["markdown"], lambda tmp: tmp.write_text(markdown(results)))
     if plot:
         paths["png"] = out / "bench.png"
-        atomic_write(paths["png"], plot_png(results))
+        png = plot_png(results)
+        atomic_write(paths["png"], lambda tmp: tmp.write_bytes(png))
     return paths

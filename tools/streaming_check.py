@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
+
 log = logging.getLogger(__name__)
 
 GiB = 2**30
@@ -189,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
 
     def write() -> None:  # after every case: a run cut short by a timeout still leaves what it measured
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "streaming_check.json").write_text(json.dumps({"meta": meta, "cases": records}, indent=2) + "\n")
-        (args.out / "streaming_check.md").write_text(to_markdown(meta, records))
+        text = json.dumps({"meta": meta, "cases": records}, indent=2) + "\n"
+        atomic_write(args.out / "streaming_check.json", lambda tmp: tmp.write_text(text))
+        atomic_write(args.out / "streaming_check.md", lambda tmp: tmp.write_text(to_markdown(meta, records)))
 
     for case in build_cases(args.sizes, args.frames, args.budgets):
         log.info("case %s", case.name)

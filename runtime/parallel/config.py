@@ -65,11 +65,13 @@ class ParallelConfig:
                     "(e.g. ulysses=2,cfg=2)."
                 )
             if name in values:
-                raise ParallelConfigError(f"--parallel {text!r}: {name} is given twice.")
+                raise ParallelConfigError(f"--parallel {text!r}: {name} is given twice; give each of {', '.join(KEYS)} "
+                                          "once (e.g. ulysses=2,cfg=2).")
             try:
                 values[name] = int(value)
             except ValueError:
-                raise ParallelConfigError(f"--parallel {text!r}: {name}={value!r} is not a whole number.") from None
+                raise ParallelConfigError(f"--parallel {text!r}: {name}={value!r} is not a whole number; use "
+                                          f"{name}=N with N >= 1.") from None
         if not values:
             raise ParallelConfigError(f"--parallel {text!r}: name at least one of {', '.join(KEYS)}, e.g. ulysses=2.")
         return cls(**values, timeout_s=timeout_s)
