@@ -39,10 +39,11 @@ def png_bytes(width: int = 48, height: int = 32, phase: float = 0.0) -> bytes:
 class ServerProcess:
     """One `ruyi-trt serve` process (its own session, so its workers can be killed with it)."""
 
-    def __init__(self, folder: Path, *args: str, token: str | None = None, ray: bool = False):
+    def __init__(self, folder: Path, *args: str, token: str | None = None, ray: bool = False,
+                 tmp_dir: Path | None = None):  # fmt: skip
         self.folder, self.token, self.ray = folder, token, ray
         self.data_dir = folder / "data"
-        self.tmp_dir = folder / "tmp"  # the server's TMPDIR: spooled uploads would land here
+        self.tmp_dir = tmp_dir or folder / "tmp"  # the server's TMPDIR: spooled uploads would land here
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
