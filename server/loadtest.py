@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,8 +50,8 @@ class LoadReport:
     def lines(self) -> list[str]:
         return [
             f"jobs {self.jobs} from {self.clients} clients in {self.wall_s:.1f} s ({self.jobs_per_minute:.1f} jobs/min)",
-            f"accepted {self.accepted}  completed {self.completed}  failed {self.failed}  rejected (429) "
-            f"{self.rejected}  lost {self.lost}",
+            f"accepted {self.accepted}  completed {self.completed}  failed {self.failed}  rejected (429 answers, "
+            f"retried) {self.rejected}  lost {self.lost}",
             f"queue latency p50 {self.queue_p50_s:.2f} s  p95 {self.queue_p95_s:.2f} s; "
             f"submit-to-done p50 {self.latency_p50_s:.2f} s  p95 {self.latency_p95_s:.2f} s",
         ]
@@ -104,7 +105,9 @@ def run_load(url: str, jobs: int, clients: int, fields: dict[str, str], token: s
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
             while take():
                 while time.monotonic() < deadline:
-                    response = client.post("/v1/jobs", data=fields, files=[("image", ("start.png", image, "image/png"))])
+                    response = client.post(
+                        "/v1/jobs", data=fields, files=[("image", ("start.png", image, "image/png"))]
+                    )
                     if response.status_code == 429:
                         note(rejected=1)
                         time.sleep(min(float(response.headers.get("retry-after", 1)), 2.0))
@@ -127,7 +130,9 @@ def run_load(url: str, jobs: int, clients: int, fields: dict[str, str], token: s
                     if job["state"] in FINISHED:
                         pending.remove(job_id)
                         video = client.get(job["video"]) if job["state"] == "done" and job["video"] else None
-                        job["downloaded"] = video is not None and video.status_code == 200 and video.content[4:8] == b"ftyp"
+                        job["downloaded"] = (
+                            video is not None and video.status_code == 200 and video.content[4:8] == b"ftyp"
+                        )
                         with lock:
                             finished.append(job)
                 time.sleep(0.5)
@@ -187,6 +192,9 @@ class OwnServer:
             self.process.wait()
         self.log.close()
 
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own is not None:
             own.stop()
+    if own is not None and report.lost == 0:
+        own.remove()
+    elif own is not None:
+        print(f"the server's folder is kept for a look: {own.folder}")
     print("\n".join(report.lines()))
     for error in report.errors[:10]:
         print("  " + error)

@@ -66,6 +66,7 @@ async function follow(jobId) {
       if (last.id) showJob(last);
     }
   }
+  refreshQueue();
   if (last && last.state === "done" && current === jobId) await showVideo(last);
 }
 

@@ -1,5 +1,5 @@
 """`ruyi-trt serve` as a real process on 127.0.0.1 with the tiny model: submit -> poll -> download, progress
-events, bad requests (no files left), queue full, cancel while running, and a restart mid-queue."""
+events, bad requests (no files left), queue full, cancel while running, a restart mid-queue, a small load."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import signal
 import subprocess
 
-from serving import SMALL_JOB, ServerProcess, submit, wait_for
+from serving import SMALL_JOB, TOKEN, ServerProcess, submit, wait_for
 
 from ruyi_trt.runtime.video import read_video
 
@@ -129,3 +129,11 @@ def test_bad_configuration_fails_before_serving(tmp_path) -> None:
     result = subprocess.run(server.command, check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "max-queue: 0 must be at least 1" in result.stderr
     assert not server.data_dir.exists()
+
+
+def test_small_load_loses_no_job(server) -> None:
+    from ruyi_trt.server.loadtest import run_load
+
+    report = run_load(server.url, jobs=6, clients=3, fields=SMALL_JOB, token=TOKEN, timeout_s=300)
+    assert (report.accepted, report.completed, report.failed, report.lost) == (6, 6, 0, 0), report
+    assert 0 < report.queue_p50_s <= report.queue_p95_s and report.errors == []

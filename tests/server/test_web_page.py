@@ -65,8 +65,12 @@ def test_page_submits_a_job_and_plays_the_video(server, browser, tmp_path) -> No
     job_id = browser.find_element(By.ID, "job-id").text
     with server.client() as client:
         assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "done"
-    rows = browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
-    assert any(job_id[:8] in row.text and "done" in row.text for row in rows)
+
+    def listed_done(driver) -> bool:  # the queue list shows the job as done
+        rows = driver.execute_script("return [...document.querySelectorAll('#queue tbody tr')].map(r => r.innerText);")
+        return any(job_id[:8] in row and "done" in row for row in rows)
+
+    WebDriverWait(browser, 10, poll_frequency=0.5).until(listed_done)
 
     browser.execute_script("document.getElementById('video').pause();")
     shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
