@@ -48,13 +48,14 @@ class LoadReport:
     errors: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        return [
-            f"jobs {self.jobs} from {self.clients} clients in {self.wall_s:.1f} s ({self.jobs_per_minute:.1f} jobs/min)",
-            f"accepted {self.accepted}  completed {self.completed}  failed {self.failed}  rejected (429 answers, "
-            f"retried) {self.rejected}  lost {self.lost}",
-            f"queue latency p50 {self.queue_p50_s:.2f} s  p95 {self.queue_p95_s:.2f} s; "
-            f"submit-to-done p50 {self.latency_p50_s:.2f} s  p95 {self.latency_p95_s:.2f} s",
-        ]
+        counts = (f"accepted {self.accepted}  completed {self.completed}  failed {self.failed}  "
+                  f"rejected (429 answers, retried) {self.rejected}  lost {self.lost}")  # fmt: skip
+        latency = (f"queue latency p50 {self.queue_p50_s:.2f} s  p95 {self.queue_p95_s:.2f} s; "
+                   f"submit-to-done p50 {self.latency_p50_s:.2f} s  p95 {self.latency_p95_s:.2f} s")  # fmt: skip
+        total = (
+            f"jobs {self.jobs} from {self.clients} clients in {self.wall_s:.1f} s ({self.jobs_per_minute:.1f} jobs/min)"
+        )
+        return [total, counts, latency]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -68,7 +68,7 @@ def test_uploads_are_decoded_as_images(data, message) -> None:
 
 
 def test_huge_images_are_refused_before_decoding(monkeypatch) -> None:
-    import ruyi_trt.server.forms as forms
+    from ruyi_trt.server import forms
 
     monkeypatch.setattr(forms, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(SubmissionError, match="more than 1,000"):
