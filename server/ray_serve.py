@@ -189,9 +189,15 @@ def serve_on_ray(config: ServerConfig, model: str) -> None:
 
 
 def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM. Ray's core installs a SIGTERM handler of its own that aborts the process, and
+    may do so after this one is set (Python does not see it), so ours is set again every half second."""
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+
+    def handler(*_: object) -> None:
+        stop.set()
+
     print("ruyi-trt serve --ray: ready", flush=True)
     while not stop.is_set():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, handler)  # sets the C-level handler again even where Python thinks it is set
         time.sleep(0.5)
