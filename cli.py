@@ -45,19 +45,23 @@ def doctor() -> None:
 @click.option("--offload-steps", default=None, type=int, help="Long-skip activations moved to the host in groups of N (0 = keep on device; default: the planner's choice in auto, else 0).")
 @click.option("--vram-budget", "vram_budget_gb", default=None, type=float, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
 @click.option("--plan-only", is_flag=True, help="Print the memory plan and exit (reads configs only, no weights).")
-@click.option("--fp8", default="none", show_default=True, type=click.Choice(["none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer.")
+@click.option("--fp8", default="auto", show_default=True, type=click.Choice(["auto", "none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer; auto: none, unless --memory-mode auto finds no plan without it.")
 @click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
 @click.option("--teacache", "teacache_threshold", default=None, type=float, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
 @click.option("--enhance-a-video", "enhance_a_video", default=None, type=float, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
 @click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
 @click.option("--lora-strength", default=1.0, show_default=True)
+@click.option("--compute", default="none", show_default=True, type=click.Choice(["none", "fp8", "int8"]), help="8-bit GEMMs in the transformer blocks (torch backend): fp8 via torch._scaled_mm (GPU compute capability >= 8.9), int8 via torchao (Ampere+, CPU). Not --fp8, which only stores weights in fp8.")
+@click.option("--scales", default=None, type=click.Path(), help="scales.safetensors (or its folder) from `ruyi-trt calibrate` for --compute; default: dynamic per-token scales.")
+@click.option("--attention", default="sdpa", show_default=True, type=click.Choice(["sdpa", "fp8", "fp8-full"]), help="Self-attention kernel (torch backend): fp8 = Triton FP8 kernel, Q.K^T in e4m3 and P.V in the run dtype; fp8-full = P.V in e4m3 too (GPU compute capability >= 8.9).")
+@click.option("--fused-kernels", is_flag=True, help="Fused Triton kernels for norm1 + shift, QK-norm + RoPE and GELU-tanh (torch backend, CUDA).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Spread the video over the processes of `torchrun --nproc-per-node K $(which ruyi-trt) run ...` (K = ulysses x ring x cfg): tokens split over ulysses x ring ranks, the CFG halves over cfg=2 rank groups.")
 @click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others before the whole job stops with an error.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress, parallel,
-        parallel_timeout) -> None:
+        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, compute, scales, attention,
+        fused_kernels, no_progress, parallel, parallel_timeout) -> None:
     """Generate a video from a start image (and optionally an end image)."""
     from .models.checkpoint import Checkpoint
     from .models.checkpoint_io import CheckpointError
@@ -76,7 +80,8 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
     run_options = dict(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
         fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
-        lora_strength=lora_strength, vram_budget=vram_budget_gb, parallel=parallel,
+        lora_strength=lora_strength, vram_budget=vram_budget_gb, parallel=parallel, compute=compute, scales=scales,
+        attention=attention, fused_kernels=fused_kernels,
     )  # fmt: skip
     video_options = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
@@ -133,11 +138,12 @@ def _plan_request(images, video_options: dict):
 
 @main.command()
 @click.option("--model", default="tiny", show_default=True, help="'tiny', 'full-random' (full-size random weights built on the device, no checkpoint) or a checkpoint folder.")
-@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu.")
+@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu, torch-int8, torch-fp8, torch-fp8-attn, torch-fp8-all, torch-fused.")
 @click.option("--resolution", default="512", show_default=True, help="Comma list of square sizes, e.g. 512,768.")
 @click.option("--size", default=None, help="Comma list of HEIGHTxWIDTH (multiples of 16) instead of --resolution, e.g. 64x64 for the tiny model.")
 @click.option("--frames", default="24", show_default=True, help="Comma list of video lengths (1 or multiples of 8), e.g. 24,120.")
-@click.option("--stages", default="image_encoder,vae_encode,denoise,vae_decode,run", show_default=True, help="Comma list of stages to time.")
+@click.option("--stages", default="image_encoder,vae_encode,denoise,vae_decode,run", show_default=True, help="Comma list of stages to time; add `block` for one full-width transformer block (hidden 2816, 16 x 176 heads) on --block-tokens tokens.")
+@click.option("--block-tokens", default=2048, show_default=True, help="Tokens of the block stage (a multiple of 64).")
 @click.option("--steps", default=2, show_default=True, help="Denoising steps of the whole-run stage.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed calls per stage before timing.")
 @click.option("--repeat", default=3, show_default=True, help="Timed calls per stage (median, min, max).")
@@ -148,8 +154,8 @@ def _plan_request(images, video_options: dict):
 @click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
 @click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Time the parallel mode under `torchrun --nproc-per-node K $(which ruyi-trt) bench ...` (torch backend); rows carry the communication per step.")
 @click.option("--parallel-timeout", default=600.0, show_default=True, help="Seconds a rank waits for the others.")
-def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
-          max_stage_seconds, out, parallel, parallel_timeout) -> None:
+def bench(model, backends, resolution, size, frames, stages, block_tokens, steps, warmup, repeat, dtype, device,
+          time_budget_s, max_stage_seconds, out, parallel, parallel_timeout) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
     from .runtime.parallel import ParallelConfig, is_main_process, leave
     from .tools.bench import BenchConfig, parse_shapes, run_bench
@@ -159,7 +165,7 @@ def bench(model, backends, resolution, size, frames, stages, steps, warmup, repe
             model=model, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
             shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
             steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
-            max_stage_seconds=max_stage_seconds,
+            max_stage_seconds=max_stage_seconds, block_tokens=block_tokens,
             parallel=ParallelConfig.parse(parallel, parallel_timeout) if parallel else None,
         )
         results = run_bench(config, out)

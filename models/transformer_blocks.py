@@ -84,6 +84,9 @@ class Attention(nn.Module):
     """Multi-head attention with per-head LayerNorm on q and k, RoPE, and no mask.
 
     Self-attention rotates q and k; cross-attention (context_dim given) rotates q only.
+    `attention_fn` is the local attention kernel (an `AttentionFn`): SDPA unless a backend plugs in another one
+    (the FP8 attention of kernels/, runtime/backends/fast_compute.py). A per-call `attend` (sequence
+    parallelism) takes precedence over it.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
@@ -98,6 +101,7 @@ class Attention(nn.Module):
         self.norm_q = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
         self.norm_k = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.attention_fn: AttentionFn = F.scaled_dot_product_attention
 
     def forward(
         self,
@@ -131,7 +135,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         if self.rotate_keys:
             k = apply_rotary(k, cos, sin)
-        out = (attend or F.scaled_dot_product_attention)(q, k, v)  # (B, H, N, d), scale d^-0.5
+        out = (attend or self.attention_fn)(q, k, v)  # (B, H, N, d), scale d^-0.5
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)  # (B, N, D)
         out = self.to_out[0](out)
         if score is not None:

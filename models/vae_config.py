@@ -102,10 +102,11 @@ class VAEConfig:
             raise ValueError(
                 "set slice_compression_vae or cache_compression_vae; other chunking modes are not supported"
             )
-        if self.use_tiling or self.use_tiling_encoder or self.use_tiling_decoder:
-            raise ValueError(
-                "use_tiling, use_tiling_encoder and use_tiling_decoder must be false: tiling is not supported"
-            )
+        if self.tile_sample_min_size % self.spatial_factor or self.tile_sample_min_size <= 0:
+            raise ValueError(f"tile_sample_min_size={self.tile_sample_min_size} must be a positive multiple of "
+                             f"the spatial factor {self.spatial_factor}")
+        if not 0.0 <= self.tile_overlap_factor < 1.0:
+            raise ValueError(f"tile_overlap_factor={self.tile_overlap_factor} must be within [0, 1)")
         if any(c % self.norm_num_groups for c in channels):
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block width {list(channels)}")
         if self.mini_batch_encoder < 1 or self.mini_batch_decoder < 1 or self.layers_per_block < 1:

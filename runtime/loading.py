@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoint import Checkpoint
+from ..models.image_encoder import CLIPImageEncoder
+from ..models.transformer import RuyiTransformer3D
+from ..models.vae import RuyiVAE
+from ..models.vae_tiling import SpatialTiling
 from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, store_weights_fp8
 from ..weights.lora import load_lora, merge_lora
 from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
+from .backends.fast_compute import FastCompute, apply_fast_compute
 from .backends.protocol import Components
 from .backends.torch_backend import torch_components
 from .memory.model import ClipSpec
@@ -54,6 +59,9 @@ class RuntimeOptions:
     `runtime.block_runner.EnhanceAVideoSettings`).
     parallel spreads one video over the processes of a torchrun job (torch backend; `runtime.parallel`);
     each rank then runs on its own device (cuda:LOCAL_RANK, or the CPU).
+    compute / attention / scales / fused_kernels: the torch backend's 8-bit GEMMs (fp8, int8), FP8 attention kernel
+    (fp8, fp8-full) and fused Triton glue kernels (`runtime.backends.fast_compute.FastCompute`); `fp8` above is the
+    reference's storage-only FP8 and cannot be combined with `compute`.
     """
 
     backend: str = "torch"
@@ -69,6 +77,14 @@ class RuntimeOptions:
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
     parallel: ParallelConfig | None = None
+    compute: str = "none"
+    attention: str = "sdpa"
+    scales: str | None = None
+    fused_kernels: bool = False
+
+    @property
+    def fast_compute(self) -> FastCompute:
+        return FastCompute(self.compute, self.attention, self.scales, self.fused_kernels)
 
     @classmethod
     def make(
@@ -79,13 +95,17 @@ class RuntimeOptions:
         memory_mode: str = "auto",
         vram_budget: float | None = None,
         offload_steps: int | None = None,
-        fp8: str = "none",
+        fp8: str = "auto",
         fp8_storage: str = "fp8_e4m3fn",
         teacache: float | None = None,
         enhance_a_video: float | None = None,
         lora: str | Path | None = None,
         lora_strength: float = 1.0,
         parallel: ParallelConfig | str | None = None,
+        compute: str = "none",
+        scales: str | Path | None = None,
+        attention: str = "sdpa",
+        fused_kernels: bool = False,
     ) -> RuntimeOptions:
         """Validated options from `RuyiPipeline.from_pretrained`'s keywords: device defaults to cuda when a GPU is
         visible (else cpu), dtype to `default_dtype(device, backend)`; `parallel` is a ParallelConfig or its
@@ -97,6 +117,8 @@ class RuntimeOptions:
             lora=str(lora) if lora is not None else None, lora_strength=lora_strength, vram_budget_gb=vram_budget,
             enhance_a_video=enhance_a_video,
             parallel=ParallelConfig.parse(parallel) if isinstance(parallel, str) else parallel,
+            compute=compute, scales=str(scales) if scales is not None else None, attention=attention,
+            fused_kernels=fused_kernels,
         )  # fmt: skip
         options.validate()
         return options
@@ -106,7 +128,7 @@ class RuntimeOptions:
             "backend": (self.backend, BACKENDS),
             "dtype": (self.dtype, tuple(DTYPES)),
             "memory_mode": (self.memory_mode, MEMORY_MODES),
-            "fp8": (self.fp8, FP8_MODES),
+            "fp8": (self.fp8, (*FP8_MODES, "auto")),
             "fp8_storage": (self.fp8_storage, tuple(FP8_DTYPES)),
         }
         for name, (value, allowed) in choices.items():
@@ -132,7 +154,7 @@ class RuntimeOptions:
             raise ValueError("dtype: bf16 is not supported by backend ort (ONNX Runtime's Python API has no bfloat16 "
                              "arrays); use fp16 or fp32.")
         if self.backend == "ort":
-            torch_only = {"fp8": self.fp8 != "none", "lora": self.lora is not None, "offload_steps": bool(self.offload_steps),
+            torch_only = {"fp8": self.fp8 not in ("none", "auto"), "lora": self.lora is not None, "offload_steps": bool(self.offload_steps),
                           "teacache": self.teacache_threshold is not None,
                           "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # ORT places its own memory
             used = [name for name, on in torch_only.items() if on]
@@ -141,6 +163,25 @@ class RuntimeOptions:
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: cuda was requested but no CUDA GPU is visible; use --device cpu.")
+        self._validate_fast_compute(device)
+
+    def _validate_fast_compute(self, device: torch.device) -> None:
+        fast = self.fast_compute
+        fast.validate()
+        if not fast.active:
+            return
+        if self.backend != "torch":
+            raise ValueError(f"backend {self.backend}: compute/attention/fused kernels are torch backend options; use "
+                             "--backend torch (engines take their precision from `ruyi-trt build --precision`).")
+        if self.parallel is not None and self.parallel.sequence > 1 and self.attention != "sdpa":
+            raise ValueError(f"attention {self.attention}: under --parallel {self.parallel.label} the sequence-parallel "
+                             "attention runs over the gathered sequence with SDPA; use --attention sdpa.")
+        if self.fp8 not in ("none", "auto") and self.compute != "none":
+            raise ValueError(f"fp8 {self.fp8} (weight storage) and compute {self.compute} exclude each other: 8-bit "
+                             "compute already keeps its weights in 8 bits; drop --fp8.")
+        reason = fast.unavailable_reason(device)
+        if reason:
+            raise ValueError(reason)
 
 
 def default_dtype(device: str, backend: str) -> str:
@@ -162,8 +203,8 @@ def run_settings(options: RuntimeOptions, num_blocks: int, plan: MemoryPlan | No
         if torch.device(options.device).type != "cpu":
             raise ValueError("memory_mode auto needs a MemoryPlan for the video size (runtime.loading.memory_plan; "
                              "RuyiPipeline makes one).")
-        return mode_settings("full_gpu", options.offload_steps, num_blocks)
-    return mode_settings(options.memory_mode, options.offload_steps, num_blocks)
+        return mode_settings("full_gpu", options.offload_steps, num_blocks, options.fp8)
+    return mode_settings(options.memory_mode, options.offload_steps, num_blocks, options.fp8)
 
 
 def plan_depends_on_video(options: RuntimeOptions) -> bool:
@@ -196,8 +237,11 @@ def memory_plan(
             raise ValueError("no CUDA GPU is present to plan for: pass --vram-budget GB (e.g. 24) to plan for a card.")
         log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
         return None
+    # 8-bit compute keeps the block linears in 1 byte, as fp8 "strong" storage does (except norm1's adaLN linear,
+    # ~0.3 GB at full size in bf16, which it leaves in the run dtype)
+    stored_fp8 = options.fp8 if options.compute == "none" else "strong"
     request = PlanRequest(
-        height=height, width=width, frames=frames, cfg=cfg, dtype=options.dtype, fp8=options.fp8,
+        height=height, width=width, frames=frames, cfg=cfg, dtype=options.dtype, fp8=stored_fp8,
         teacache=options.teacache_threshold is not None, steps=steps, memory_mode=options.memory_mode,
         offload_steps=options.offload_steps, budget_bytes=budget,
         sequence_parallel=options.parallel.sequence if options.parallel else 1,
@@ -228,12 +272,33 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     transformer = checkpoint.load_transformer(dtype, load_device)
     vae = checkpoint.load_vae(dtype, load_device)
     image_encoder = checkpoint.load_image_encoder(dtype, load_device)
+    scales_hash = checkpoint.weights_hash("transformer") if options.scales and not checkpoint.is_random else None
+    return assemble_torch_components(transformer, vae, image_encoder, options, settings, scales_hash)
+
+
+def assemble_torch_components(
+    transformer: RuyiTransformer3D,
+    vae: RuyiVAE,
+    image_encoder: CLIPImageEncoder,
+    options: RuntimeOptions,
+    settings: PlanSettings,
+    scales_hash: str | None = None,
+) -> Components:
+    """The torch backend over loaded modules: LoRA merged, the plan's FP8 storage and VAE tiling applied, 8-bit
+    compute swapped in (`scales_hash`: the transformer weights' hash a scales file must match), and the block
+    runner that executes the memory settings (per rank under --parallel)."""
+    device, dtype = torch.device(options.device), DTYPES[options.dtype]
     if options.lora:
         merged = merge_lora(transformer, load_lora(options.lora), options.lora_strength)
         log.info("LoRA %s merged into %d layers (strength %s)", options.lora, len(merged), options.lora_strength)
-    if options.fp8 != "none":
-        count = store_weights_fp8(transformer, options.fp8, transformer.config.hidden_size, options.fp8_storage)
-        log.info("FP8 (%s, %s): %d transformer layers stored in fp8", options.fp8, options.fp8_storage, count)
+    if settings.fp8 != "none" and options.compute == "none":  # the plan's choice (options.fp8, or what auto picked)
+        count = store_weights_fp8(transformer, settings.fp8, transformer.config.hidden_size, options.fp8_storage)
+        log.info("FP8 (%s, %s): %d transformer layers stored in fp8", settings.fp8, options.fp8_storage, count)
+    if settings.vae_tile:
+        vae.enable_tiling(SpatialTiling(settings.vae_tile, vae.config.tile_overlap_factor))
+    if options.fast_compute.active:
+        apply_fast_compute(transformer, options.fast_compute, device, scales_hash)
+
     offload_models = settings.offload_models and device.type == "cuda"
     runner, context = BlockRunner, {}
     if options.parallel is not None:

@@ -70,8 +70,18 @@ class Video:
 class RuyiPipeline:
     """Ruyi image-to-video over a checkpoint and runtime options; see the module docstring."""
 
-    def __init__(self, checkpoint: Checkpoint, options: RuntimeOptions, components: Components | None = None):
-        options.validate()
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        options: RuntimeOptions,
+        components: Components | None = None,
+        embeddings: ControlEmbeddings | None = None,
+    ):
+        """`components`, when given, are ready for `options` (the caller made them); otherwise the options are
+        validated here and the components load on demand (`load`). The control embeddings load from the checkpoint
+        on first use unless given."""
+        if components is None:
+            options.validate()
         self.parallel: ParallelContext | None = None  # this rank's part of a torchrun job (options.parallel)
         if options.parallel is not None:
             options.parallel.check_heads(checkpoint.transformer.num_attention_heads)
@@ -81,7 +91,7 @@ class RuyiPipeline:
         self._components = components
         self._plan: MemoryPlan | None = None
         self._plan_key: tuple | None = None
-        self._embeddings: ControlEmbeddings | None = None
+        self._embeddings = embeddings
 
     @classmethod
     def from_pretrained(
@@ -92,7 +102,8 @@ class RuyiPipeline:
         (`RuntimeOptions.make`): backend (torch, ort, trt), device (default cuda when visible), dtype (default bf16
         on cuda, fp16 with ort, fp32 on the CPU), memory_mode (auto, full_gpu, normal, low_gpu), vram_budget (GiB),
         offload_steps, fp8 (none, lite, strong, extreme), fp8_storage, teacache (threshold), enhance_a_video
-        (weight), lora (a .safetensors file) and lora_strength."""
+        (weight), lora (a .safetensors file), lora_strength, and the torch backend's compute (none, fp8, int8), scales
+        (a calibrated scales.safetensors or its folder), attention (sdpa, fp8, fp8-full) and fused_kernels."""
         options = RuntimeOptions.make(**options)
         pipe = cls(Checkpoint.resolve(model, download=download), options)
         if not plan_depends_on_video(options):

@@ -7,7 +7,9 @@ For every backend (opened once) and every shape: each requested stage runs `warm
 - vae_encode / vae_decode: one VAE call on a random video / latents of the shape (the pipeline makes two
   encode calls, for the mask and the masked video);
 - denoise: one transformer forward on the CFG batch (2) with random inputs;
-- run: the whole pipeline (encode, `steps` denoising steps, decode) on a synthetic start image.
+- run: the whole pipeline (encode, `steps` denoising steps, decode) on a synthetic start image;
+- block (only when asked for): one full-width transformer block on `block_tokens` tokens, once per backend
+  (tools/bench_models.py), so that every backend has a real-width row even on CPU.
 A failing measurement (out of memory, an unsupported kernel) is recorded with its reason and the rest go on.
 Results are rewritten after every measurement, so a benchmark cut short by a timeout still leaves them.
 
@@ -32,6 +34,9 @@ import torch
 
 from ..runtime.parallel import ParallelConfig, ParallelContext, join
 from .bench_models import (
+    ALL_STAGES,
+    BLOCK_GRID_WIDTH,
+    BLOCK_STAGE,
     DTYPES,
     FULL_RANDOM,
     STAGES,
@@ -65,13 +70,16 @@ class BenchConfig:
     time_budget_s: float | None = None
     max_stage_seconds: float | None = None  # stop timing a stage once its timed calls add up to this (>= 1 call)
     parallel: ParallelConfig | None = None  # under torchrun: one process per rank
+    block_tokens: int = 2048  # tokens of the `block` stage (a multiple of BLOCK_GRID_WIDTH)
 
     def validate(self) -> None:
         if not self.backends:
             raise ValueError("backends: name at least one backend, e.g. torch.")
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in ALL_STAGES]
         if unknown or not self.stages:
-            raise ValueError(f"stages: {unknown or 'none'} given; use some of {STAGES}.")
+            raise ValueError(f"stages: {unknown or 'none'} given; use some of {ALL_STAGES}.")
+        if self.block_tokens < BLOCK_GRID_WIDTH or self.block_tokens % BLOCK_GRID_WIDTH:
+            raise ValueError(f"block_tokens: {self.block_tokens} must be a positive multiple of {BLOCK_GRID_WIDTH}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {tuple(DTYPES)}.")
         for name, value, low in (("steps", self.steps, 1), ("warmup", self.warmup, 0), ("repeat", self.repeat, 1)):
@@ -212,6 +220,13 @@ class _Bench:
             write_report(self.results, self.out, plot=False)
 
     def row(self, backend: str, stage: str, shape: Shape) -> Measurement:
+        if stage == BLOCK_STAGE:  # a one-frame grid of block_tokens patches, BLOCK_GRID_WIDTH wide (16 px each)
+            tokens = self.config.block_tokens
+            rows, p = tokens // BLOCK_GRID_WIDTH, self.model.transformer_config.patch_size
+            latent = (1, rows * p, BLOCK_GRID_WIDTH * p)
+            factor = self.model.vae_config.spatial_factor
+            return Measurement(backend, stage, latent[1] * factor, latent[2] * factor, 1, status="pending",
+                               latent=latent, tokens=tokens)  # fmt: skip
         latent = latent_shape(self.model.vae_config, shape)
         p = self.model.transformer_config.patch_size
         tokens = latent[0] * (latent[1] // p) * (latent[2] // p)
@@ -239,15 +254,19 @@ class _Bench:
             session = self.model.open(status)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot load is recorded; the others still run
             log.warning("%s: could not open (%s)", status.name, exc)
-            for shape in cfg.shapes:
+            for index, shape in enumerate(cfg.shapes):
                 for stage in cfg.stages:
+                    if stage == BLOCK_STAGE and index:
+                        continue
                     row = self.row(status.name, stage, shape)
                     row.status, row.reason = "error", f"could not load: {_reason(exc)}"
                     self.results.measurements.append(row)
             return
         try:
-            for shape in cfg.shapes:
+            for index, shape in enumerate(cfg.shapes):
                 for stage in cfg.stages:
+                    if stage == BLOCK_STAGE and index:  # the block's size does not depend on the shape
+                        continue
                     self.results.measurements.append(self.bench_stage(session, status.name, stage, shape))
                     self.write(plot=False)
         finally:
@@ -265,7 +284,9 @@ class _Bench:
             return row
         log.info("%s %s %s: warm-up %d, repeat %d", backend, stage, shape.label, cfg.warmup, cfg.repeat)
         try:
-            call, flops = stage_call(self.model, session, stage, shape, cfg.steps, cfg.warmup + cfg.repeat)
+            call, flops = stage_call(
+                self.model, session, stage, shape, cfg.steps, cfg.warmup + cfg.repeat, cfg.block_tokens
+            )
             row.flops = flops.to_dict() if flops else None
             row.peak_tflops = self.results.peak["tflops"] if self.results.peak else None
             measure(row, call, cfg.warmup, cfg.repeat, self.device, cfg.max_stage_seconds, self.agree)

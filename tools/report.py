@@ -137,21 +137,30 @@ def markdown(results: BenchResults) -> str:
             "seconds per call (median, min, max); denoise = one transformer forward on the CFG batch (2)."
         ),
         "",
+        "x torch: the `torch` row's median over this row's (same stage and shape, same run), > 1 is faster.",
+        "",
         (
-            "| backend | stage | shape | median s | min s | max s | TFLOP/s | % peak | peak alloc GiB "
+            "| backend | stage | shape | median s | min s | max s | x torch | TFLOP/s | % peak | peak alloc GiB "
             "| peak reserved GiB | host RSS GiB | comm MiB/step | status |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    torch_median = {
+        (m.stage, m.height, m.width, m.frames): m.median_s
+        for m in results.measurements if m.backend == "torch" and not m.parallel
+    }  # fmt: skip
     for m in results.measurements:
         d = m.to_dict()
         status = m.status if m.status == "ok" else f"{m.status}: {m.reason}"
         fraction = _fmt(m.peak_fraction * 100, ".1f") if m.peak_fraction is not None else "-"
         backend = f"{m.backend} --parallel {m.parallel}" if m.parallel else m.backend
         comm = _mib(m.comm_bytes_per_step)
+        base = torch_median.get((m.stage, m.height, m.width, m.frames))
+        speed = base / m.median_s if base and m.median_s else None
         lines.append(
             f"| {backend} | {m.stage} | {m.height}x{m.width}x{m.frames}f | {_fmt(d['median_s'], '.4f')} "
-            f"| {_fmt(d['min_s'], '.4f')} | {_fmt(d['max_s'], '.4f')} | {_fmt(m.tflops_per_s, '.3g')} | {fraction} "
+            f"| {_fmt(d['min_s'], '.4f')} | {_fmt(d['max_s'], '.4f')} | {_fmt(speed, '.2f')} "
+            f"| {_fmt(m.tflops_per_s, '.3g')} | {fraction} "
             f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.host_rss_bytes)} | {comm} "
             f"| {status} |"
         )

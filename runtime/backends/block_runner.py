@@ -1,9 +1,10 @@
 """The torch denoiser that runs the transformer block by block: memory settings and TeaCache live here.
 
 - skip offload (the reference's GPU_offload_steps = k): the long-skip activations, the largest activation
-  cost, go to the host in groups of k as they are produced and come back when a later block pops them.
-- block streaming: the first `resident_blocks` blocks stay on the device, the rest stream through
-  double-buffered device slots (`runtime.streaming.BlockStreamer`).
+  cost, go to page-locked host buffers in groups of k on a copy stream and are prefetched one block before a
+  later block pops them (`runtime.memory.skip_offload`), overlapped with compute.
+- block streaming: the first `resident_blocks` blocks stay on the device, the rest stream from one flat
+  page-locked host buffer per block through double-buffered device slots (`runtime.memory.streaming`).
 - CFG split: a batch of 2 runs its blocks as two batch-1 passes (about half the activation memory).
 - offload between runs (normal mode): the transformer leaves the device after the last call of a run.
 - TeaCache: when the timestep-modulated input of block 0 has changed little since the last computed step,
@@ -30,6 +31,7 @@ import torch
 
 from ...models.transformer import BlockInputs, RuyiTransformer3D
 from ...models.transformer_blocks import AttentionFn
+from ..memory.skip_offload import SkipOffload
 from ..memory.streaming import BlockStreamer
 from .protocol import move_inputs
 
@@ -136,6 +138,7 @@ class BlockRunner:
         self._call = 0
         self.attend: AttentionFn | None = None  # None: F.scaled_dot_product_attention (see module docstring)
         self.streamer = BlockStreamer(model.blocks, self.device, resident_blocks)
+        self.skips = SkipOffload(self.device, skip_offload_group, model.config.skip_sources, len(model.blocks))
         self._place_rest(self.host if self.offload_between_runs else self.device)
         if self.offload_between_runs:
             self.streamer.to_host()
@@ -145,8 +148,8 @@ class BlockRunner:
         for name, child in self.model.named_children():
             if name != "blocks":
                 child.to(where)
-        for name, param in self.model.named_parameters(recurse=False):
-            param.data = param.data.to(where)
+        for name, param in list(self.model.named_parameters(recurse=False)):
+            self.model._parameters[name] = torch.nn.Parameter(param.detach().to(where), requires_grad=False)
 
     def _to_device(self) -> None:
         if not self.streamer.on_device:
@@ -241,28 +244,19 @@ class BlockRunner:
         return torch.cat(outputs)
 
     def _run_blocks(self, embedded: BlockInputs, enhance: float | None = None) -> torch.Tensor:
-        sources = self.model.config.skip_sources
-        kept = set(sources.values())
-        group = self.skip_offload_group
-        on_device: dict[int, torch.Tensor] = {}
-        on_host: dict[int, torch.Tensor] = {}
+        skips = self.skips.start_pass()
         x = embedded.hidden
         for i, block in self.streamer:
-            skip = None
-            if i in sources:
-                j = sources[i]
-                skip = on_device.pop(j) if j in on_device else on_host.pop(j).to(self.device, non_blocking=True)
+            skip = skips.before(i)
             x = block(
                 x, embedded.temb, embedded.text_states, embedded.clip_states,
                 embedded.rope_cos, embedded.rope_sin, embedded.num_frames, skip, enhance, embedded.frame_index,
                 self.attend,
             )  # fmt: skip
-            if i in kept:
-                on_device[i] = x
-                if group and len(on_device) >= group:
-                    on_host.update({k: v.to(self.host) for k, v in on_device.items()})
-                    on_device.clear()
+            del skip  # the block has consumed it: do not keep it alive through the next block
+            skips.after(i, x)
         return x
 
     def close(self) -> None:
         self._to_host()
+        self.skips.close()
