@@ -265,7 +265,8 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
 
 # `ruyi-trt run`'s options that say how to run; `serve` takes the same ones (the same click options)
 SERVE_RUN_OPTIONS = ("backend", "device", "dtype", "memory_mode", "offload_steps", "vram_budget_gb", "fp8",
-                     "fp8_storage", "teacache_threshold", "enhance_a_video", "lora", "lora_strength")  # fmt: skip
+                     "fp8_storage", "teacache_threshold", "enhance_a_video", "lora", "lora_strength", "compute", "scales",
+                     "attention", "fused_kernels")  # fmt: skip
 
 
 @main.command()

@@ -11,7 +11,7 @@ def test_serve_takes_runs_runtime_options() -> None:
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert result.exit_code == 0
     for option in ("--data-dir", "--max-queue", "--token-file", "--workers-per-gpu", "--ray", "--backend", "--dtype",
-                   "--memory-mode", "--fp8", "--teacache", "--lora", "--parallel"):  # fmt: skip
+                   "--memory-mode", "--fp8", "--teacache", "--lora", "--parallel", "--compute", "--attention"):  # fmt: skip
         assert option in result.output, option
 
 
