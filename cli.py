@@ -355,3 +355,51 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(f"{size!r} is not HEIGHTxWIDTH; use two multiples of 16 within 16..2048, e.g. 384x672",
                                  param_hint="--size") from exc
     return height, width
+
+
+# `ruyi-trt run`'s options that say how to run; `serve` takes the same ones (the same click options)
+SERVE_RUN_OPTIONS = ("backend", "device", "dtype", "memory_mode", "offload_steps", "vram_budget_gb", "fp8",
+                     "fp8_storage", "teacache_threshold", "enhance_a_video", "lora", "lora_strength", "compute", "scales",
+                     "attention", "fused_kernels")  # fmt: skip
+
+
+@main.command()
+@click.option("--model", "model", default=None, help="As for `run`: a checkpoint folder, 'tiny', 'full-random', or omit for models/Ruyi-Mini-7B.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (anything but loopback is reachable by others: use --token-file).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Holds the job queue (SQLite) and results/; reuse it to keep the queue across restarts.")
+@click.option("--workers-per-gpu", default=1, show_default=True, help="Worker processes per GPU (or per GPU group with --parallel; on the CPU: in all), each holding a loaded pipeline.")
+@click.option("--max-queue", default=100, show_default=True, help="Waiting jobs accepted before new ones get 429.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False), help="File whose first line is the bearer token every request must send.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, help="Largest request body (413 past it).")
+@click.option("--result-ttl-hours", default=168.0, show_default=True, help="Finished jobs and their videos are deleted after this many hours.")
+@click.option("--max-attempts", default=2, show_default=True, help="Runs of a job that keeps being interrupted (a crash, a lost worker) before it is marked failed.")
+@click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Serve application: the API plus one GPU worker replica per GPU of the Ray cluster.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (e.g. auto, or ray://head:10001); default: start a local one.")
+@click.option("--ray-workers", default=None, type=int, help="Worker replicas under --ray (default: the cluster's GPUs, or 1 on the CPU).")
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Each worker is a group of K = ulysses x ring x cfg processes, one GPU each, sharing every video (as `run --parallel`).")
+def serve(model, host, port, data_dir, workers_per_gpu, max_queue, token_file, max_upload_mb, result_ttl_hours,
+          max_attempts, use_ray, ray_address, ray_workers, **run_options) -> None:
+    """Serve image-to-video jobs over HTTP: a persistent queue, live progress, a web page at /."""
+    from pathlib import Path
+
+    from .models.checkpoint_io import CheckpointError
+    from .server.config import ServerConfig, read_token
+    from .server.main import serve as serve_forever
+
+    run_options["vram_budget"] = run_options.pop("vram_budget_gb")
+    run_options["teacache"] = run_options.pop("teacache_threshold")
+    try:
+        config = ServerConfig(
+            model=model, data_dir=Path(data_dir), run_options=run_options, host=host, port=port,
+            workers_per_gpu=workers_per_gpu, max_queue=max_queue, max_upload_mb=max_upload_mb,
+            result_ttl_s=result_ttl_hours * 3600, max_attempts=max_attempts,
+            token=read_token(token_file) if token_file else None, ray=use_ray, ray_address=ray_address,
+            ray_workers=ray_workers,
+        )  # fmt: skip
+        serve_forever(config)
+    except (ValueError, CheckpointError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+serve.params.extend(param for param in run.params if param.name in SERVE_RUN_OPTIONS)
