@@ -1,7 +1,15 @@
 """Helpers shared by the test suite and the parity checks in tools/: tolerance assertions, synthetic images and
-an emulation of CUDA autocast's cast policy on the CPU (the original's precision regime)."""
+an emulation of CUDA autocast's cast policy on the CPU (the original's precision regime).
+
+Also a pytest plugin (pyproject: `addopts = "-p ruyi_trt.testing"`): the repository root is the package
+`ruyi_trt` under whatever name its clone has (`ruyi-trt`, ...), so pytest must collect it as a plain folder;
+as a package it would import the root `__init__.py` under the folder's name, which fails for names like
+`ruyi-trt`.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,3 +73,13 @@ class CudaAutocastPolicy(TorchFunctionMode):
         if target is not None:
             args, kwargs = _cast_floats(args, target), {k: _cast_floats(v, target) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+
+def pytest_collect_directory(path: Path, parent):
+    """pytest hook: the repository root (pytest's rootdir, holding the package's __init__.py) is collected as a plain
+    `pytest.Dir` (see the module docstring)."""
+    if path == parent.config.rootpath and (path / "__init__.py").is_file():
+        import pytest
+
+        return pytest.Dir.from_parent(parent, path=path)
+    return None

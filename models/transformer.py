@@ -177,6 +177,7 @@ class BlockInputs(NamedTuple):
     num_frames: int
     grid_height: int  # hp
     grid_width: int  # wp
+    frame_index: Tensor | None = None  # [N] frame of each token when hidden holds a slice (sequence parallelism)
 
 
 class PatchEmbed(nn.Module):
@@ -343,11 +344,12 @@ class RuyiTransformer3D(nn.Module):
 
     def unembed(self, x: Tensor, temb: Tensor, num_frames: int, grid_height: int, grid_width: int) -> Tensor:
         """Final adaLN, projection and unpatchify: (B, F*hp*wp, D) -> (B, out_channels, F, H, W)."""
-        return self.project(self.norm_out(x, temb), temb, num_frames, grid_height, grid_width)
+        return self.unpatchify(self.project(self.norm_out(x, temb), temb), num_frames, grid_height, grid_width)
 
-    def project(self, x: Tensor, temb: Tensor, num_frames: int, grid_height: int, grid_width: int) -> Tensor:
-        """proj_out and unpatchify of norm_out's float32 output, rounded to the compute dtype (temb's) first."""
-        return self.unpatchify(self.proj_out(x.to(temb.dtype)), num_frames, grid_height, grid_width)
+    def project(self, x: Tensor, temb: Tensor) -> Tensor:
+        """proj_out of norm_out's float32 output [B, N, D], rounded to the compute dtype (temb's) first:
+        [B, N, p*p*C_out]."""
+        return self.proj_out(x.to(temb.dtype))
 
     def unpatchify(self, x: Tensor, num_frames: int, grid_height: int, grid_width: int) -> Tensor:
         """(B, F*hp*wp, p*p*C) with feature = (py*p + px)*C + c -> (B, C, F, hp*p, wp*p)."""

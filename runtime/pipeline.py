@@ -35,6 +35,7 @@ from .conditioning import clip_pixel_values, image_to_video_condition, prepare_m
 from .denoising import denoise_step, initial_noise, latent_dtype, sample_posterior, transformer_conditioning
 from .loading import RuntimeOptions, load_components, memory_plan, plan_depends_on_video
 from .memory.plan import MemoryPlan
+from .parallel import ParallelContext, ParallelError, join
 from .request import ImageInput, VideoRequest
 from .stats import RunStats, StageTimer
 from .video import to_uint8_frames, write_frames, write_video
@@ -70,13 +71,28 @@ class Video:
 class RuyiPipeline:
     """Ruyi image-to-video over a checkpoint and runtime options; see the module docstring."""
 
-    def __init__(self, checkpoint: Checkpoint, options: RuntimeOptions, components: Components | None = None):
-        options.validate()
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        options: RuntimeOptions,
+        components: Components | None = None,
+        embeddings: ControlEmbeddings | None = None,
+    ):
+        """`components`, when given, are ready for `options` (the caller made them); otherwise the options are
+        validated here and the components load on demand (`load`). The control embeddings load from the checkpoint
+        on first use unless given."""
+        if components is None:
+            options.validate()
+        self.parallel: ParallelContext | None = None  # this rank's part of a torchrun job (options.parallel)
+        if options.parallel is not None:
+            options.parallel.check_heads(checkpoint.transformer.num_attention_heads)
+            self.parallel = join(options.parallel, options.device)
+            options = replace(options, device=str(self.parallel.device))
         self.checkpoint, self.options = checkpoint, options
         self._components = components
         self._plan: MemoryPlan | None = None
         self._plan_key: tuple | None = None
-        self._embeddings: ControlEmbeddings | None = None
+        self._embeddings = embeddings
 
     @classmethod
     def from_pretrained(
@@ -89,7 +105,9 @@ class RuyiPipeline:
         offload_steps, fp8 (none, lite, strong, extreme), fp8_storage (auto, fp8_e4m3fn, fp8_e5m2), teacache
         (threshold) with teacache_skip_start/_skip_end/_offload_cpu, enhance_a_video (weight) with
         enhance_a_video_skip_start/_skip_end, lora (a .safetensors file, or a list of files and (file, strength)
-        pairs, merged in order) and lora_strength (for files given without one)."""
+        pairs, merged in order), lora_strength (for files given without one), and the torch backend's compute
+        (none, fp8, int8), scales (a calibrated scales.safetensors or its folder), attention (sdpa, fp8, fp8-full)
+        and fused_kernels."""
         options = RuntimeOptions.make(**options)
         pipe = cls(Checkpoint.resolve(model, download=download), options)
         if not plan_depends_on_video(options):
@@ -193,11 +211,17 @@ class RuyiPipeline:
     def generate(
         self, request: VideoRequest, callback: ProgressCallback | None = None, progress: bool = True
     ) -> Video:
-        """Make the video `request` describes (see `__call__` for the options)."""
+        """Make the video `request` describes (see `__call__` for the options). Under --parallel every rank calls
+        this and every rank gets the video; only rank 0 shows progress."""
+        if self.options.parallel is not None:
+            self.options.parallel.check_guidance(request.guidance_scale > 1.0)
+        progress = progress and (self.parallel is None or self.parallel.is_main)
         try:
             self.load(request)
             pixels, stats = self.run(request, progress=progress,
                                      on_step=(lambda done, total: callback("denoise", done, total)) if callback else None)  # fmt: skip
+        except ParallelError as exc:
+            raise GenerationError(str(exc)) from exc
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise GenerationError(
                 f"out of memory ({exc}). Try memory_mode auto (with a smaller VRAM budget), low_gpu, offload steps "

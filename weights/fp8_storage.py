@@ -28,7 +28,7 @@ EXTREME_SKIPPED_CLASSES = ("Embedding", "LayerNorm", "Conv2d", "NonDynamicallyQu
 def resolve_fp8_storage(storage: str) -> str:
     """"auto" -> "fp8_e4m3fn" (the reference's choice); the explicit names unchanged."""
     if storage not in FP8_STORAGE_CHOICES:
-        raise ValueError(f"fp8 storage {storage!r} is unknown; use one of {FP8_STORAGE_CHOICES}.")
+        raise ValueError(f"fp8_storage: {storage!r} is unknown; use one of {FP8_STORAGE_CHOICES}.")
     return "fp8_e4m3fn" if storage == "auto" else storage
 
 

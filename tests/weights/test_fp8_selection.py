@@ -137,5 +137,5 @@ def test_extreme_keeps_the_plain_norms_on_the_tiny_model() -> None:
 def test_fp8_storage_auto_is_e4m3fn() -> None:
     assert resolve_fp8_storage("auto") == "fp8_e4m3fn"
     assert resolve_fp8_storage("fp8_e5m2") == "fp8_e5m2"
-    with pytest.raises(ValueError, match="fp8 storage 'fp16' is unknown"):
+    with pytest.raises(ValueError, match="fp8_storage: 'fp16' is unknown"):
         resolve_fp8_storage("fp16")
