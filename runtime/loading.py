@@ -142,8 +142,7 @@ class RuntimeOptions:
         for feature, on, settings in (("teacache", teacache, tea), ("enhance_a_video", enhance_a_video, eav)):
             given = sorted(name for name, value in settings.items() if value is not None)
             if given and on is None:
-                raise ValueError(f"{given[0]}: applies only with {feature} turned on; give {feature} too, or drop "
-                                 f"{' and '.join(given)}.")  # fmt: skip
+                raise ValueError(f"{given[0]}: applies only with {feature} turned on; give {feature} too.")
         options = cls(
             backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
             offload_steps=offload_steps, fp8=fp8, fp8_storage=resolve_fp8_storage(fp8_storage),

@@ -143,4 +143,4 @@ def test_run_with_the_originals_options(tiny_dir: Path, tmp_path: Path) -> None:
     assert "note: frames: 9 is not a multiple of 8; making 8 frames" in rounded.output
     assert tuple(read_video(out).shape) == (8, 32, 48, 3)
     bad = invoke("run", "--model", "tiny", "--image", str(image), "--out", str(out), "--teacache-skip-end", "2")
-    assert bad.exit_code != 0 and "only apply with teacache turned on" in bad.output
+    assert bad.exit_code != 0 and "applies only with teacache turned on" in bad.output

@@ -99,9 +99,9 @@ def test_teacache_step_options_reach_the_denoiser(tiny_dir: Path) -> None:
     assert pipe.components.denoiser.teacache == TeaCacheSettings(1.0, 1, 1, offload_cpu=False)
     video, _ = pipe.run(request(steps=6), progress=False)
     assert torch.isfinite(video).all() and 0 < pipe.components.denoiser.skipped_calls <= 6 - 1 - 1
-    with pytest.raises(ValueError, match="teacache_skip_start: 0 must be >= 1"):
+    with pytest.raises(ValueError, match=r"teacache_skip_start: 0 is outside 1\.\.1000"):
         RuyiPipeline.from_pretrained(tiny_dir, device="cpu", teacache=0.1, teacache_skip_start=0)
-    with pytest.raises(ValueError, match="only apply with teacache turned on"):
+    with pytest.raises(ValueError, match="applies only with teacache turned on"):
         RuyiPipeline.from_pretrained(tiny_dir, device="cpu", teacache_skip_end=2)
 
 
