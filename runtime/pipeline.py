@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.checkpoint import Checkpoint
-from ..models.control_embeddings import ControlEmbeddings
+from ..models.control_embeddings import DEFAULT_ASPECT, ControlEmbeddings
 from ..models.scheduler import load_scheduler, timesteps_for
 from ..models.transformer import TransformerConfig
 from ..models.vae_config import VAEConfig
@@ -194,17 +194,21 @@ class RuyiPipeline:
         seed: int = 42,
         scheduler: str = "DDIM",
         clip_apply_ratio: float = 0.4,
+        aspect_ratio: str = DEFAULT_ASPECT,
+        noise_device: str = "cpu",
         callback: ProgressCallback | None = None,
         progress: bool = True,
     ) -> Video:
         """Make a video from a start image (a PIL image, a path, or a list of up to 5) and optional end image(s).
 
-        frames 1..120 (rounded down to a multiple of 8), resolution 512 or 768 (the aspect bucket of the first
-        start image; `size` (height, width) overrides it), camera static/left/right/up/down/auto, motion 1-4 or
-        auto, cfg <= 1 turns classifier-free guidance off."""
+        frames 1..120 (rounded down to a multiple of 8), resolution 384..1024 in steps of 16 (the aspect bucket of
+        the first start image; `size` (height, width) overrides it), camera static/left/right/up/down/auto, motion
+        1-4 or auto, cfg <= 1 turns classifier-free guidance off; aspect_ratio is the control embeddings' key (the
+        original's 16:9), noise_device where the seeded noise is drawn (cpu, or cuda as the original)."""
         request = VideoRequest.from_inputs(
             image, end_image, frames=frames, resolution=resolution, size=size, camera=camera, motion=motion,
             steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler, clip_apply_ratio=clip_apply_ratio,
+            aspect_ratio=aspect_ratio, noise_device=noise_device,
         )  # fmt: skip
         return self.generate(request, callback=callback, progress=progress)
 

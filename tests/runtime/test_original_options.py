@@ -71,9 +71,12 @@ def test_latents_and_timestep_follow_the_stored_embeddings(tiny_dir, bf16_embedd
 
 
 def test_aspect_ratio_picks_the_embedding_key(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Through the public call `pipe(image, ...)`, with the noise device beside it."""
     pipe = RuyiPipeline.from_pretrained(tiny_dir, device="cpu")
     with caplog.at_level("INFO", logger="ruyi_trt.models.control_embeddings"):
-        pipe.run(request(aspect_ratio="4:3", camera="left", motion=3, steps=1), progress=False)
+        video = pipe(gradient_image(96, 64), frames=1, size=SIZE, steps=1, camera="left", motion=3, aspect_ratio="4:3",
+                     noise_device="cpu", progress=False)  # fmt: skip
+    assert tuple(video.frames.shape) == (1, *SIZE, 3)
     assert "no control embeddings for p.4x3movie3left; using p.default" in caplog.text
     with pytest.raises(ValueError, match="aspect_ratio: aspect must look like '16:9'"):
         request(aspect_ratio="wide")
