@@ -41,7 +41,7 @@ def test_a_good_submission() -> None:
         ([("noise_device", "tpu")], "noise_device", "unknown"),
         ([("size", "65x64")], "size", "multiples of 16"),
         ([("camera", "zoom")], "camera", "unknown"),
-        ([("cfg", "-1")], "cfg", "must not be negative"),
+        ([("cfg", "-1")], "cfg", "outside 0.."),
         ([("scheduler", "PNDM"), ("steps", "2")], "steps", "PNDM needs at least 4"),
         ([("steps", "900")], "steps", "more than"),
         ([("steps", "2"), ("steps", "3")], "steps", "twice"),
