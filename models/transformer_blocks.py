@@ -22,6 +22,12 @@ NORM_EPS = 1e-6
 TEMPORAL_PE_LEN = 512  # frames covered by the temporal sin-cos table
 
 
+def attention_scale(head_dim: int) -> float:
+    """SDPA's default scale 1/sqrt(d), passed explicitly so that exported graphs carry it as a constant
+    (from the tensor's shape it is a Shape -> Sqrt subgraph that hides the attention pattern)."""
+    return 1.0 / math.sqrt(head_dim)
+
+
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (input, weight and bias upcast), cast back to the input dtype."""
 
@@ -118,7 +124,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         if self.rotate_keys:
             k = apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d), scale d^-0.5
+        out = F.scaled_dot_product_attention(q, k, v, scale=attention_scale(self.head_dim))  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)  # (B, N, D)
         out = self.to_out[0](out)
         if score is not None:
