@@ -150,9 +150,8 @@ def load_pipeline(
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
-        budget = plan.trt_weight_streaming_budget_bytes if plan is not None else None
         lora = (options.lora, options.lora_strength) if options.lora else None
-        return pipeline_from_files(folder, trt_components(folder, str(folder), options.dtype, budget, False, lora))
+        return pipeline_from_files(folder, trt_components(folder, str(folder), options.dtype, plan, False, lora))
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     config = TransformerConfig.from_dict(read_config(folder / "transformer"))
     settings = run_settings(options, config.num_layers, plan)

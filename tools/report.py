@@ -39,6 +39,8 @@ class Measurement:
     warmup_s: float | None = None  # all warm-up calls together (compilation and graph capture land here)
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
+    peak_driver_bytes: int | None = None  # device memory in use as the driver reports it (TensorRT, ORT included)
+    driver_added_bytes: int | None = None  # that peak minus the use before the stage
     host_rss_bytes: int | None = None  # after the stage
     host_peak_rss_bytes: int | None = None  # the process's peak so far
     flops: dict[str, int] | None = None  # transformer FLOPs of one call (the run: all steps)
@@ -130,9 +132,9 @@ def markdown(results: BenchResults) -> str:
         "",
         (
             "| backend | stage | shape | median s | min s | max s | TFLOP/s | % peak | peak alloc GiB "
-            "| peak reserved GiB | host RSS GiB | status |"
+            "| peak reserved GiB | device peak GiB (driver) | host RSS GiB | status |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results.measurements:
         d = m.to_dict()
@@ -141,7 +143,8 @@ def markdown(results: BenchResults) -> str:
         lines.append(
             f"| {m.backend} | {m.stage} | {m.height}x{m.width}x{m.frames}f | {_fmt(d['median_s'], '.4f')} "
             f"| {_fmt(d['min_s'], '.4f')} | {_fmt(d['max_s'], '.4f')} | {_fmt(m.tflops_per_s, '.3g')} | {fraction} "
-            f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.host_rss_bytes)} | {status} |"
+            f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.peak_driver_bytes)} "
+            f"| {_gib(m.host_rss_bytes)} | {status} |"
         )
     unavailable = [b for b in results.backends if not b["available"]]
     if unavailable:
