@@ -78,6 +78,8 @@ class TRTEngine:
             return
         self.load()
         trt = require_tensorrt("the TensorRT backend")
+        streaming = keep_free_bytes is not None and self.record.flags.get("weight_streaming")
+        free_before = (free_bytes or free_device_bytes)() if streaming else 0  # before the engine takes any
         self.logger = logger = process_logger(trt)
         with logger.capture(self.record.graph) as messages:
             self.runtime = trt.Runtime(logger.logger)
@@ -90,8 +92,8 @@ class TRTEngine:
                     + f". Delete the folder and rebuild: {self.record.settings.command()}"
                 )
             self.figures = self._figures()
-            if keep_free_bytes is not None and self.record.flags.get("weight_streaming"):
-                self._set_streaming_budget(keep_free_bytes, free_bytes or free_device_bytes)
+            if streaming:
+                self._set_streaming_budget(free_before, keep_free_bytes)
             self.context = self._new_context(trt)
             for index in range(self.engine.num_io_tensors):
                 name = self.engine.get_tensor_name(index)
@@ -122,13 +124,14 @@ class TRTEngine:
                 f"delete the folder and rebuild: {self.record.settings.command()}"
             )
 
-    def _set_streaming_budget(self, keep_free_bytes: int, free_bytes: Callable[[], int]) -> None:
+    def _set_streaming_budget(self, free_bytes: int, keep_free_bytes: int) -> None:
+        """`free_bytes` was measured before the engine was deserialized (its resident weights are in `figures`)."""
         figures = self.figures
-        budget = weight_streaming_budget(free_bytes(), figures, keep_free_bytes)
+        budget = weight_streaming_budget(free_bytes, figures, keep_free_bytes)
         self.engine.weight_streaming_budget_v2 = budget
         # the context memory includes the streaming scratch, which depends on the budget: settle it once more
         self.figures = EngineFigures(figures.weight_bytes, figures.streamable_bytes, self.engine.device_memory_size_v2)
-        budget = weight_streaming_budget(free_bytes(), self.figures, keep_free_bytes)
+        budget = weight_streaming_budget(free_bytes, self.figures, keep_free_bytes)
         self.engine.weight_streaming_budget_v2 = budget
         self.budget = budget
         log.info("%s: weight streaming budget %.2f GiB of %.2f GiB streamable weights", self.record.graph,
@@ -168,7 +171,7 @@ class TRTEngine:
         if self.context is None:
             self.activate()
         self.captured.clear()
-        torch.cuda.current_stream().synchronize()  # no enqueued work may still read the old weights
+        torch.cuda.synchronize()  # no enqueued work (on any stream) may still read the old weights
         return refit_engine(require_tensorrt("refitting engines"), self.engine, tensors, fill, self.record.graph)
 
     def _ordered(self, work: Callable[[], object]):

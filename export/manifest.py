@@ -5,14 +5,17 @@ Schema (version 1):
       "schema": 1,
       "components": {
         "<component>": {                       # transformer | vae-encoder | vae-decoder | image-encoder
-          "checkpoint_hash": "sha256:...",     # the checkpoint folder's config + weights (see component_hash)
-          "settings": {"dtype": "fp16", "opset": 18, "exporter": "torchscript", "per_block": false},
+          "checkpoint_hash": "sha256:...",     # the checkpoint folder's config + weights (see component_hash), or
+                                               # full-random's preset, recipe, seed and configs (export/source.py)
+          "settings": {"dtype": "fp16", "opset": 18, "exporter": "torchscript", "per_block": false,
+                       "attention": "onnx"},   # the exporter actually used ("auto" resolved per component)
           "versions": {"torch": ..., "onnx": ..., "onnx_graphsurgeon": ..., "ruyi_trt": ...},
-          "seconds": 12.3,
+          "seconds": 12.3, "peak_host_rss_bytes": 4032488000,  # the export's wall time, the process's peak RSS
           "graphs": {
             "<graph>": {                       # e.g. transformer, transformer_block_skip, vae_decoder
               "file": "<graph>.onnx", "data_file": "<graph>.onnx.data" | null, "bytes": 123 (both files),
-              "opset": 18, "fp32_nodes": 40,   # nodes upcast to float32 in fp16/bf16 graphs
+              "opset": 23, "fp32_nodes": 40,   # nodes upcast to float32 in fp16/bf16 graphs
+              "attention": {"onnx": 14, "decomposed": 0},   # ONNX Attention nodes / MatMul-Softmax-MatMul cores
               "inputs": [{"name": ..., "shape": [..., "batch", 16], "dtype": "float16"}], "outputs": [...],
               "dynamic_axes": {...}, "trace_dims": {...}, "dim_bounds": {...}   # ExportSpec.to_dict()
             }

@@ -23,8 +23,8 @@ transformer weights in memory.
 Exporters: "torchscript" (torch.onnx's tracing exporter: a few seconds per graph; a Python branch takes the
 path of the traced sizes, which the specs choose) or "dynamo" (torch.export based, about 3-10x slower here;
 dynamic dims are exported with Dim.AUTO and renamed to the spec's names). "auto" (the default) picks
-torchscript, and dynamo for the bf16 VAE and CLIP graphs, where the tracing exporter fails on bfloat16
-constants.
+torchscript, and dynamo for bf16, where the tracing exporter fails on the bfloat16 constant of an explicit
+attention scale.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class ExportSettings:
     """How to export: weight/activation dtype, ONNX opset, per-block transformer graphs, the exporter and the
     attention form.
 
-    exporter "auto" takes torchscript where it works and dynamo where it does not (the bf16 VAE and CLIP
-    graphs). attention "onnx" turns every attention core into one ONNX `Attention` node (the graph's opset
+    exporter "auto" takes torchscript where it works and dynamo where it does not (bf16: the tracing
+    exporter fails on a bfloat16 attention scale constant). attention "onnx" turns every attention core into one ONNX `Attention` node (the graph's opset
     becomes 23; TensorRT >= 10.14 parses it into its fused IAttention layer, ONNX Runtime runs it too);
     "decomposed" keeps MatMul -> Softmax -> MatMul (for older TensorRT, which fuses that pattern itself).
     """
@@ -85,7 +85,7 @@ class ExportSettings:
         if self.dtype == "bf16" and self.exporter == "torchscript":
             raise ValueError(
                 "dtype: bf16 needs exporter auto or dynamo (--exporter auto); the torchscript exporter fails on "
-                "bfloat16 constants in the VAE and CLIP graphs."
+                "the bfloat16 constant of an explicit attention scale."
             )
         if not 17 <= self.opset <= 20:
             raise ValueError(f"opset: {self.opset} is not supported; use 17..20 (LayerNormalization needs 17, "
@@ -95,7 +95,7 @@ class ExportSettings:
         """The exporter that traces `component`'s graphs."""
         if self.exporter != "auto":
             return self.exporter
-        return "dynamo" if self.dtype == "bf16" and component != "transformer" else "torchscript"
+        return "dynamo" if self.dtype == "bf16" else "torchscript"
 
     def for_component(self, component: str) -> dict:
         """The settings that shape `component`'s graphs (what its manifest entry records)."""

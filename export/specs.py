@@ -24,6 +24,7 @@ single latent frame, so one-frame requests need the PyTorch backend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -254,12 +255,16 @@ def example_block_index(cfg: TransformerConfig, has_skip: bool) -> int:
 
 
 def example_block(cfg: TransformerConfig, has_skip: bool) -> torch.nn.Module:
-    """A block of the given type on the meta device (shapes only, no memory)."""
+    """A block of the given type on the meta device (shapes only, no memory; shared: copy it before changing it)."""
+    return _meta_transformer(cfg).blocks[example_block_index(cfg, has_skip)]
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_transformer(cfg: TransformerConfig) -> torch.nn.Module:
     from ..models.transformer import RuyiTransformer3D
 
     with torch.device("meta"):
-        model = RuyiTransformer3D(cfg)
-    return model.blocks[example_block_index(cfg, has_skip)]
+        return RuyiTransformer3D(cfg)
 
 
 # -- VAE --------------------------------------------------------------------------------------------------------
