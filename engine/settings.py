@@ -7,7 +7,7 @@ Two choices default to "auto" and are resolved per build (`resolved`):
 - per_block: None builds per-block transformer engines (embed, plain block, skip block, unembed; block
   weights bound at run time) when the transformer's weights exceed WHOLE_ENGINE_MAX_BYTES, else one
   whole-model engine. At full size (14.4 GB in fp16) per-block is the default: a whole engine per size
-  group would carry every weight (about 20 groups at --resolution 768), its build needs them all on the
+  group would carry every weight (17 groups at --resolution 768), its build needs them all on the
   GPU, while two block engines serve all 40 blocks and every aspect bucket.
 - attention: "auto" exports attention as ONNX `Attention` nodes when the targeted TensorRT parses them
   (>= 10.14), else decomposed (export/onnx_export.py).

@@ -171,7 +171,7 @@ def fuse_attention(model, softmax_in_float32: bool) -> tuple[object, int, int]:
         return len(shape.dim) if shape is not None else None
 
     fused = left = 0
-    replacements: dict[int, list] = {}  # index of the final MatMul -> the nodes replacing it
+    replacements: dict[str, list] = {}  # output of the final MatMul -> the nodes replacing that MatMul
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
         pattern = _attention_pattern(graph, softmax, rank)
         if pattern is None:
@@ -196,12 +196,12 @@ def fuse_attention(model, softmax_in_float32: bool) -> tuple[object, int, int]:
             onnx.helper.make_node("Attention", [query, key, values], list(second.output), name=f"{name}/attention",
                                   **attributes),
         ]  # fmt: skip
-        replacements[id(second)] = nodes
+        replacements[second.output[0]] = nodes
         fused += 1
     if fused:
         nodes = []
         for node in model.graph.node:
-            nodes.extend(replacements.get(id(node), [node]))
+            nodes.extend(replacements.get(node.output[0] if node.output else "", [node]))
         _replace_nodes(model, _live_nodes(nodes, [o.name for o in model.graph.output]))
         set_default_opset(model, max(default_opset(model), ATTENTION_OPSET))
         del model.graph.value_info[:]
