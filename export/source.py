@@ -14,6 +14,7 @@ whole-model graph is written block by block (export/stitch.py).
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import json
@@ -30,33 +31,38 @@ FULL_RANDOM = "full-random"
 RANDOM_RECIPE = "models.presets.random_value v1"  # part of full-random's hash: change it with the recipe
 
 
-class ModelSource:
+class ModelSource(abc.ABC):
     """Configs, hashes and weights of one model; see the module docstring."""
 
     name: str
 
+    @abc.abstractmethod
     def transformer_config(self) -> TransformerConfig:
-        raise NotImplementedError
+        """The transformer's config."""
 
+    @abc.abstractmethod
     def vae_config(self) -> VAEConfig:
-        raise NotImplementedError
+        """The VAE's config."""
 
+    @abc.abstractmethod
     def clip_geometry(self) -> tuple[int, int, int]:
         """(image size, patch tokens, hidden size) of the CLIP vision tower."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def component_hash(self, component: str) -> str:
-        raise NotImplementedError
+        """'sha256:...' over everything the component's graphs depend on (the export cache key)."""
 
+    @abc.abstractmethod
     def transformer_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         """One transformer state-dict entry, on the CPU, floating tensors cast to `dtype`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def vae(self, dtype: torch.dtype):
-        raise NotImplementedError
+        """The whole VAE (RuyiVAE) on the CPU in `dtype`."""
 
+    @abc.abstractmethod
     def image_encoder(self, dtype: torch.dtype):
-        raise NotImplementedError
+        """The CLIP image encoder (CLIPImageEncoder) on the CPU in `dtype`."""
 
     def transformer(self, dtype: torch.dtype, keys: Callable[[str], bool] = lambda key: True) -> RuyiTransformer3D:
         """The transformer with the state-dict entries `keys` selects loaded (on the CPU, in `dtype`); every
