@@ -16,6 +16,6 @@ def images_to_pil(images: torch.Tensor, argument: str) -> list[Image.Image]:
     return [Image.fromarray(frame.numpy()) for frame in pixels]
 
 
-def video_to_images(video: torch.Tensor) -> torch.Tensor:
-    """A pipeline video [1, 3, F, H, W] in [0, 1] -> ComfyUI IMAGE frames [F, H, W, 3] float32."""
-    return video[0].permute(1, 2, 3, 0).float().contiguous()
+def video_to_images(frames: torch.Tensor) -> torch.Tensor:
+    """A video's uint8 frames [F, H, W, 3] -> ComfyUI IMAGE frames [F, H, W, 3] float32 in [0, 1]."""
+    return frames.float().div(255).contiguous()

@@ -2,8 +2,8 @@
 
 Importing this module is cheap: the library (torch, the models) is imported inside the node methods, and
 ComfyUI's own modules only through `host` at call time. Loading is lazy: Load Model checks the options and
-the checkpoint and returns a `PipelineSpec`; the sampler loads it on first use into one process-wide
-`PipelineCache`, so re-queuing a workflow reuses the loaded pipeline.
+the checkpoint and returns a `PipelineSpec`; the sampler gets its `RuyiPipeline` from one process-wide
+`PipelineCache` and the pipeline loads on its first video, so re-queuing a workflow reuses the loaded pipeline.
 """
 
 from __future__ import annotations
@@ -71,15 +71,12 @@ class RuyiTRTLoadModel:
 
     def load(self, model: str, backend: str, dtype: str, memory_mode: str, fp8: str, fp8_storage: str,
              teacache_threshold: float = 0.0) -> tuple[PipelineSpec]:  # fmt: skip
-        from ..runtime.loading import RuntimeOptions, default_dtype
+        from ..runtime.loading import RuntimeOptions
         from ..runtime.session import PipelineSpec
 
-        device = host.device()
-        if dtype == "auto":
-            dtype = default_dtype(device, backend)
-        options = RuntimeOptions(backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, fp8=fp8,
-                                 fp8_storage=fp8_storage, teacache_threshold=teacache_threshold or None)  # fmt: skip
-        options.validate()
+        options = RuntimeOptions.make(backend=backend, device=host.device(), dtype=None if dtype == "auto" else dtype,
+                                      memory_mode=memory_mode, fp8=fp8, fp8_storage=fp8_storage,
+                                      teacache=teacache_threshold or None)  # fmt: skip
         return (PipelineSpec(host.model_folder(model), options),)
 
 
@@ -155,9 +152,9 @@ class RuyiTRTSampler:
             frames=video_length, resolution=int(base_resolution), size=(height, width) if height or width else None,
             camera=camera, motion=motion, steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler,
         )  # fmt: skip
-        video, stats = pipelines().get(pipeline, request)(request, on_step=host.step_callback(steps))
-        log.info("Ruyi-TRT: %s", stats.summary())
-        return (video_to_images(video),)
+        video = pipelines().get(pipeline).generate(request, callback=host.step_callback(steps))
+        log.info("Ruyi-TRT: %s", video.stats.summary())
+        return (video_to_images(video.frames),)
 
 
 NODES = (RuyiTRTLoadModel, RuyiTRTLoadLora, RuyiTRTSampler)

@@ -8,10 +8,12 @@ plan written and checked (engine/plan.py: one engine per graph and size group, r
 when a tensor reaches 2^31 elements). `dry_run` stops there and needs neither TensorRT nor a GPU.
 Per engine: its cache key (engine/cache.py), skip it when `engines/<key>/engine.plan` is already there
 and intact, else build it (engine/builder.py), check with TensorRT's engine inspector that every
-attention ran as one fused layer (engine/attention.py), write the plan atomically, then `build.log`
-(settings, profile, attention, every TensorRT message) and last the `engine.json` sidecar, so a folder
-with a sidecar always has a complete, checked plan. With `refit`, `refit_map.json` (engine/refit.py)
-records which checkpoint tensor each ONNX weight is.
+attention ran as one fused layer (engine/attention.py), and write the plan, `build.log` (settings,
+profile, attention, every TensorRT message) and last the `engine.json` sidecar into a temporary folder
+that is fsynced and renamed to `engines/<key>` (files.atomic_folder), so an engine folder is always
+complete and checked and a failed or interrupted build leaves nothing. A lock per key (files.file_lock)
+makes a second process building the same engine wait, then reuse it. With `refit`, `refit_map.json`
+(engine/refit.py) records which checkpoint tensor each ONNX weight is.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path
 from ..export import manifest as export_manifest
 from ..export.onnx_export import ensure_exported
 from ..export.readiness import tensorrt_op_table
-from ..export.source import FULL_RANDOM, ModelSource, model_source
+from ..export.source import ModelSource, model_source
 from ..export.specs import EXPORT_DTYPES, TORCH_DTYPES
-from ..files import atomic_write
+from ..files import atomic_folder, file_lock
+from ..models.checkpoint import Checkpoint
 from . import cache
 from .attention import attention_patterns, check_fused_attention, describe
 from .builder import BuilderOptions, build_plan
@@ -38,6 +41,7 @@ from .settings import BuildSettings
 from .trt_api import require_tensorrt, version_tuple
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class BuildResult:
@@ -51,15 +55,6 @@ class BuildResult:
     reused: list[str] = field(default_factory=list)
 
 
-def build_source(model: str) -> ModelSource:
-    """The model source of `--model`: 'full-random', or a checkpoint folder / 'tiny' (resolved, not downloaded)."""
-    if model == FULL_RANDOM:
-        return model_source(FULL_RANDOM)
-    from ..runtime.model_source import resolve_model
-
-    return model_source(resolve_model(model, download=False))
-
-
 def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool = False, dry_run: bool = False) -> BuildResult:
     """Plan, and unless `dry_run` build, every engine `settings` asks for; see the module docstring."""
     settings.validate()
@@ -70,13 +65,13 @@ def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool 
         if not torch.cuda.is_available():
             raise RuntimeError("ruyi-trt build needs a CUDA GPU (TensorRT builds for the GPU it runs on); none is "
                                "visible. `ruyi-trt build --dry-run` plans the engines without one.")  # fmt: skip
-    source = build_source(settings.model)
+    source = model_source(Checkpoint.resolve(settings.model))
     target = trt.__version__ if trt is not None else tensorrt_op_table()["tensorrt_version"]
     weights = source.transformer_weight_bytes(TORCH_DTYPES[EXPORT_DTYPES[settings.precision]])
     resolved = settings.resolved(weights, version_tuple(target))
     onnx_dir = ensure_exported(source, resolved.export_settings(), progress=progress)
     data = export_manifest.read_manifest(onnx_dir)
-    specs = graph_specs(source, settings.precision)
+    specs = graph_specs(source.checkpoint, settings.precision)
     engines = planned_engines(resolved, specs, data, bool(resolved.per_block))
     root = cache.engines_root(settings.out)
     facts = {"dry_run": dry_run, "model": settings.model, "precision": settings.precision,
@@ -112,41 +107,46 @@ def build_graph(planned: PlannedEngine, entry: dict, onnx_dir: Path, source: Mod
     onnx_id = cache.onnx_hash(entry, graph)
     key = cache.engine_key(graph, onnx_id, settings.precision, profile, options.flags(), platform)
     folder = root / key
-    existing = cache.read_record(folder)
-    if existing is not None:
-        try:
-            cache.read_plan(folder, existing)
-            log.info("%s: engine %s is cached, skipping", planned.name, folder)
-            return folder, False
-        except cache.EngineFileError as exc:
-            log.warning("%s: rebuilding (%s)", planned.name, exc)
-    onnx_path = onnx_dir / entry["graphs"][graph]["file"]
-    started = time.perf_counter()
-    result = build_plan(onnx_path, profile, options, progress)
-    seconds = round(time.perf_counter() - started, 2)
-    fused = check_fused_attention(result.plan, onnx_path, profile, planned.name)  # raises when one did not fuse
-    attention = {**planned.report.get("attention", {}), "patterns": attention_patterns(onnx_path), "fused": fused}
-    atomic_write(folder / cache.PLAN_NAME, lambda tmp: tmp.write_bytes(result.plan))
-    record = cache.EngineRecord(
-        key=key, graph=graph, component=planned.component, precision=settings.precision, platform=platform,
-        checkpoint_hash=entry["checkpoint_hash"], onnx_hash=onnx_id, onnx_file=str(onnx_path), profile=profile,
-        flags=options.flags(), settings=settings, engine_bytes=len(result.plan),
-        engine_sha256=hashlib.sha256(result.plan).hexdigest(), build_seconds=seconds, attention=attention,
-    )  # fmt: skip
-    lines = [
-        f"ruyi-trt build log: {planned.name} ({planned.component}), sizes {', '.join(planned.report.get('sizes', []))}",
-        f"command: {settings.command()}", f"onnx: {onnx_path} ({onnx_id})", f"platform: {platform}",
-        f"flags: {options.flags()}", f"profile: {json.dumps(profile_to_json(profile))}",
-        f"network: {result.num_layers} layers, inputs {json.dumps(result.network_inputs)}",
-        f"attention: {attention.get('form', 'none')}, {fused} checked fused in the engine; "
-        + describe(attention["patterns"]),
-        f"built in {seconds} s, {len(result.plan)} bytes", "", "TensorRT messages:", *result.messages,
-    ]  # fmt: skip
-    atomic_write(folder / cache.LOG_NAME, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    if settings.refit and planned.component == "transformer":
-        from .refit import write_refit_map
+    with file_lock(folder):
+        existing = cache.read_record(folder)
+        if existing is not None:
+            try:
+                cache.read_plan(folder, existing)
+                log.info("%s: engine %s is cached, skipping", planned.name, folder)
+                return folder, False
+            except cache.EngineFileError as exc:
+                log.warning("%s: rebuilding (%s)", planned.name, exc)
+        onnx_path = onnx_dir / entry["graphs"][graph]["file"]
+        started = time.perf_counter()
+        result = build_plan(onnx_path, profile, options, progress)
+        seconds = round(time.perf_counter() - started, 2)
+        fused = check_fused_attention(result.plan, onnx_path, profile, planned.name)  # raises when one did not fuse
+        attention = {**planned.report.get("attention", {}), "patterns": attention_patterns(onnx_path), "fused": fused}
+        record = cache.EngineRecord(
+            key=key, graph=graph, component=planned.component, precision=settings.precision, platform=platform,
+            checkpoint_hash=entry["checkpoint_hash"], onnx_hash=onnx_id, onnx_file=str(onnx_path), profile=profile,
+            flags=options.flags(), settings=settings, engine_bytes=len(result.plan),
+            engine_sha256=hashlib.sha256(result.plan).hexdigest(), build_seconds=seconds, attention=attention,
+        )  # fmt: skip
+        lines = [
+            f"ruyi-trt build log: {planned.name} ({planned.component}), sizes {', '.join(planned.report.get('sizes', []))}",
+            f"command: {settings.command()}", f"onnx: {onnx_path} ({onnx_id})", f"platform: {platform}",
+            f"flags: {options.flags()}", f"profile: {json.dumps(profile_to_json(profile))}",
+            f"network: {result.num_layers} layers, inputs {json.dumps(result.network_inputs)}",
+            f"attention: {attention.get('form', 'none')}, {fused} checked fused in the engine; "
+            + describe(attention["patterns"]),
+            f"built in {seconds} s, {len(result.plan)} bytes", "", "TensorRT messages:", *result.messages,
+        ]  # fmt: skip
 
-        write_refit_map(folder, onnx_path, source, settings.precision)
-    cache.write_record(folder, record)
+        def write(tmp: Path) -> None:
+            (tmp / cache.PLAN_NAME).write_bytes(result.plan)
+            (tmp / cache.LOG_NAME).write_text("\n".join(lines) + "\n")
+            if settings.refit and planned.component == "transformer":
+                from .refit import write_refit_map
+
+                write_refit_map(tmp, onnx_path, source, settings.precision)
+            cache.write_record(tmp, record)
+
+        atomic_folder(folder, write, replace=True)
     log.info("%s: built %s in %.1f s", planned.name, folder, seconds)
     return folder, True

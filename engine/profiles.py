@@ -27,9 +27,11 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..export import specs as export_specs
 from ..export.specs import EXPORT_DTYPES, ExportSpec, Shape, VideoShape
+from ..models.checkpoint import Checkpoint
 from ..models.geometry import ASPECT_RATIO_512, MAX_FRAMES, SIZE_MULTIPLE, SUPPORTED_RESOLUTIONS, scaled_bucket_size
 
 Profile = dict[str, tuple[Shape, Shape, Shape]]
@@ -169,15 +171,12 @@ def graph_profiles(spec: ExportSpec, component: str, entries: Sequence[str], fra
             for group in size_groups(spec, component, entries, frames, batch)]  # fmt: skip
 
 
-def graph_specs(model, precision: str) -> dict[str, ExportSpec]:
-    """Every exportable graph's spec for a model (checkpoint folder, 'full-random' or ModelSource), from its
-    configs alone (no weights are read)."""
-    from ..export.source import model_source
-
-    source = model_source(model)
+def graph_specs(checkpoint: Checkpoint | str | Path, precision: str) -> dict[str, ExportSpec]:
+    """Every exportable graph's spec for a checkpoint (or what Checkpoint.resolve takes), from its configs alone."""
+    checkpoint = Checkpoint.resolve(checkpoint, download=False)
     dtype = EXPORT_DTYPES[precision]
-    transformer, vae = source.transformer_config(), source.vae_config()
-    image_size, clip_tokens, clip_hidden = source.clip_geometry()
+    transformer, vae = checkpoint.transformer, checkpoint.vae
+    image_size, clip_tokens, clip_hidden = checkpoint.clip_geometry
     found = [
         export_specs.transformer_spec(transformer, vae, dtype, clip_tokens),
         *export_specs.transformer_stage_specs(transformer, vae, dtype, clip_tokens),

@@ -1,6 +1,6 @@
 """ONNX export of the Ruyi components and the TensorRT-readiness check.
 
-    export_checkpoint(checkpoint_dir, out_dir, ExportSettings(dtype="fp16"))  -> graphs + manifest.json
+    export_checkpoint(checkpoint, out_dir, ExportSettings(dtype="fp16"))  -> graphs + manifest.json
     check_tensorrt_ready("out/transformer.onnx")                                -> [Problem, ...]
 
 Modules: specs (ExportSpec per graph), wrappers (modules traced per graph), source (checkpoint folder or

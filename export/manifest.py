@@ -5,7 +5,7 @@ Schema (version 1):
       "schema": 1,
       "components": {
         "<component>": {                       # transformer | vae-encoder | vae-decoder | image-encoder
-          "checkpoint_hash": "sha256:...",     # the checkpoint folder's config + weights (see component_hash), or
+          "checkpoint_hash": "sha256:...",     # the component's config + weights (Checkpoint.weights_hash), or
                                                # full-random's preset, recipe, seed and configs (export/source.py)
           "settings": {"dtype": "fp16", "opset": 18, "exporter": "torchscript", "per_block": false,
                        "attention": "onnx"},   # the exporter actually used ("auto" resolved per component)
@@ -14,6 +14,7 @@ Schema (version 1):
           "graphs": {
             "<graph>": {                       # e.g. transformer, transformer_block_skip, vae_decoder
               "file": "<graph>.onnx", "data_file": "<graph>.onnx.data" | null, "bytes": 123 (both files),
+              "sha256": {"<graph>.onnx": "...", "<graph>.onnx.data": "..."},
               "opset": 23, "fp32_nodes": 40,   # nodes upcast to float32 in fp16/bf16 graphs
               "attention": {"onnx": 14, "decomposed": 0},   # ONNX Attention nodes / MatMul-Softmax-MatMul cores
               "inputs": [{"name": ..., "shape": [..., "batch", 16], "dtype": "float16"}], "outputs": [...],
@@ -23,63 +24,32 @@ Schema (version 1):
         }
       }
     }
-A component is reused when its entry has the same checkpoint hash and settings and all its files exist.
+A component is reused when its entry has the same checkpoint hash and settings and all its files exist with the
+recorded size and sha256 (a truncated or damaged graph is exported again).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
+import logging
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
-from ..models.checkpoint_io import CheckpointError, weight_files
+from ..files import atomic_write, file_digest
+from ..models.checkpoint import Checkpoint
+from .source import ModelSource, model_source
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = 1
-# component -> (checkpoint sub-folder, files hashed besides the safetensors)
-COMPONENT_SOURCES = {
-    "transformer": ("transformer", ("config.json",)),
-    "vae-encoder": ("vae", ("config.json",)),
-    "vae-decoder": ("vae", ("config.json",)),
-    "image-encoder": ("image_encoder", ("config.json", "preprocessor_config.json")),
-}
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; cached per (path, size, mtime) for the process, since weights can be many GB."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def component_hash(checkpoint_dir: str | Path, component: str) -> str:
-    """sha256 over the names and contents of the component's config file(s) and safetensors weights."""
-    folder_name, extra = COMPONENT_SOURCES[component]
-    folder = Path(checkpoint_dir) / folder_name
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"{folder} does not exist: {checkpoint_dir} is not a complete Ruyi checkpoint "
-            "(pass --model PATH to a Ruyi-Mini-7B folder or --model tiny)."
-        )
-    files = []
-    for name in extra:
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; download the checkpoint again.")
-        files.append(path)
-    files += weight_files(folder)
-    digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.name}:{_file_digest(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
-    return "sha256:" + digest.hexdigest()
+def component_hash(checkpoint: Checkpoint | ModelSource, component: str) -> str:
+    """The hash of what `component` is made from: the checkpoint files (`Checkpoint.weights_hash`), or for
+    full-random its recipe and configs (export/source.py)."""
+    return model_source(checkpoint).component_hash(component)
 
 
 def tool_versions(exporter: str) -> dict[str, str]:
@@ -94,15 +64,22 @@ def tool_versions(exporter: str) -> dict[str, str]:
     return versions
 
 
+def empty_manifest() -> dict[str, Any]:
+    return {"schema": SCHEMA, "components": {}}
+
+
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     """The manifest in `out_dir`, or an empty one; a damaged file raises ValueError naming it."""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
-        return {"schema": SCHEMA, "components": {}}
+        return empty_manifest()
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it to re-export every graph.") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("components"), dict):
+        message = f"{path} is not an export manifest (no components); delete it to re-export every graph."
+        raise ValueError(message)  # noqa: TRY004 - a damaged file, not an argument of the wrong type
     if data.get("schema") != SCHEMA:
         raise ValueError(
             f"{path} has schema {data.get('schema')!r}, expected {SCHEMA}; delete the folder and re-export."
@@ -121,11 +98,15 @@ def entry_is_current(out_dir: str | Path, entry: dict[str, Any] | None, checkpoi
     if not entry or entry.get("checkpoint_hash") != checkpoint_hash or entry.get("settings") != settings:
         return False
     out_dir = Path(out_dir)
-    for graph in entry.get("graphs", {}).values():
+    for name, graph in entry.get("graphs", {}).items():
         files = [graph["file"]] + ([graph["data_file"]] if graph.get("data_file") else [])
-        if not all((out_dir / name).is_file() for name in files):
+        if not all((out_dir / file).is_file() for file in files):
             return False
-        if sum((out_dir / name).stat().st_size for name in files) != graph.get("bytes"):
+        if sum((out_dir / file).stat().st_size for file in files) != graph.get("bytes"):
+            log.warning("graph %s in %s is truncated (size differs from the manifest); exporting again", name, out_dir)
+            return False
+        if {file: file_digest(out_dir / file) for file in files} != graph.get("sha256"):
+            log.warning("graph %s in %s does not match its recorded sha256 (damaged); exporting again", name, out_dir)
             return False
     return bool(entry.get("graphs"))
 

@@ -1,13 +1,15 @@
 """Export a Ruyi model's components to ONNX graphs, cached by content, written atomically.
 
-`export_checkpoint(model, out_dir, settings)` writes `out_dir/<graph>.onnx` (plus one `<graph>.onnx.data`
-for graphs over 2 GB) and `out_dir/manifest.json` (schema in export/manifest.py). The model is a
-checkpoint folder or `full-random` (export/source.py). Per component it: hashes the source, skips the
-component when the manifest already lists it with the same hash and settings, otherwise loads what the
-graphs need, traces every graph of the component into a temporary folder next to `out_dir`, runs the
-clean-up passes (export/graph_passes.py), checks each graph with onnx.checker, and only then moves the
-files into `out_dir` and records them (with the export time and the process's peak host RSS). A failure
-leaves neither half-written graphs nor a manifest entry.
+`export_checkpoint(checkpoint, out_dir, settings)` writes `out_dir/<graph>.onnx` (plus one `<graph>.onnx.data`
+for graphs over 2 GB) and `out_dir/manifest.json` (schema in export/manifest.py). The checkpoint is a
+`Checkpoint`, what `Checkpoint.resolve` takes (a folder, `tiny`, `full-random`), or a ModelSource
+(export/source.py). Per component it: hashes the source, skips the component when the manifest already lists it
+with the same hash and settings and its files are intact (size and sha256), otherwise loads what the graphs
+need, traces every graph of the component into a temporary folder next to `out_dir`, runs the clean-up passes
+(export/graph_passes.py), checks each graph with onnx.checker, and only then fsyncs the files, moves them into
+`out_dir` and records them (with the export time and the process's peak host RSS). A failure (Ctrl-C included)
+leaves neither half-written graphs nor a manifest entry. A lock (files.file_lock) serializes processes exporting
+into the same `out_dir`: the second one waits, then reuses what the first exported.
 
 Graphs per component (specs in export/specs.py, wrappers in export/wrappers.py):
     transformer     transformer, or with per_block: transformer_embed, transformer_block_plain,
@@ -32,9 +34,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -45,6 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..deps import require
+from ..files import explained_write_errors, file_digest, file_lock, publish, scratch_folder
+from ..models.checkpoint import Checkpoint
 from . import graph_passes, manifest
 from .source import ModelSource, model_source
 from .specs import EXPORT_DTYPES, TORCH_DTYPES, ExportSpec
@@ -116,22 +117,36 @@ class ExportResult:
 
 
 def export_checkpoint(
-    checkpoint_dir: str | Path | ModelSource,
+    checkpoint: Checkpoint | str | Path | ModelSource,
     out_dir: str | Path,
     settings: ExportSettings = ExportSettings(),
     components: Sequence[str] = COMPONENTS,
     progress: bool = True,
+    reset_damaged: bool = False,
 ) -> ExportResult:
-    """Export `components` of the model (a checkpoint folder, 'full-random' or a ModelSource) into `out_dir`
-    (see the module docstring)."""
+    """Export `components` of `checkpoint` (a Checkpoint, what Checkpoint.resolve takes, or a ModelSource) into
+    `out_dir` (see the module docstring). A damaged manifest.json is an error, or with `reset_damaged` (the
+    artifact cache) is replaced by exporting everything again."""
     settings.validate()
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise ValueError(f"components: {unknown or '[]'} not supported; choose from {COMPONENTS}.")
     require("onnx", "ONNX export")
-    source, out_dir = model_source(checkpoint_dir), Path(out_dir)
+    source, out_dir = model_source(checkpoint), Path(out_dir)
     hashes = {c: source.component_hash(c) for c in components}  # fails early on missing files
-    data = manifest.read_manifest(out_dir)
+    with file_lock(out_dir):
+        return _export_locked(source, out_dir, settings, components, hashes, progress, reset_damaged)
+
+
+def _export_locked(source: ModelSource, out_dir: Path, settings: ExportSettings, components: Sequence[str],
+                   hashes: dict[str, str], progress: bool, reset_damaged: bool) -> ExportResult:  # fmt: skip
+    try:
+        data = manifest.read_manifest(out_dir)
+    except ValueError as exc:
+        if not reset_damaged:
+            raise
+        log.warning("%s Exporting every graph again.", exc)
+        data = manifest.empty_manifest()
     result = ExportResult(out_dir, data)
     for component in components:
         wanted = settings.for_component(component)
@@ -156,7 +171,7 @@ def export_checkpoint(
     return result
 
 
-def ensure_exported(checkpoint_dir: str | Path | ModelSource, settings: ExportSettings,
+def ensure_exported(checkpoint: Checkpoint | str | Path | ModelSource, settings: ExportSettings,
                     components: Sequence[str] = COMPONENTS, progress: bool = True) -> Path:  # fmt: skip
     """The artifact-cache folder `cache_root()/onnx/<key>` holding current graphs, exporting what is missing.
 
@@ -165,13 +180,13 @@ def ensure_exported(checkpoint_dir: str | Path | ModelSource, settings: ExportSe
     from ..models.presets import cache_root
 
     settings.validate()
-    source = model_source(checkpoint_dir)
+    source = model_source(checkpoint)
     key = hashlib.sha256()
     for component in components:
         key.update(f"{component}={source.component_hash(component)};".encode())
     key.update(repr(sorted(asdict(settings).items())).encode())
     out_dir = cache_root() / "onnx" / key.hexdigest()[:16]
-    export_checkpoint(source, out_dir, settings, components, progress)
+    export_checkpoint(source, out_dir, settings, components, progress, reset_damaged=True)
     return out_dir
 
 
@@ -184,7 +199,7 @@ def peak_host_rss_bytes() -> int:
 
 
 def component_graphs(
-    checkpoint_dir: str | Path | ModelSource, component: str, settings: ExportSettings
+    checkpoint: Checkpoint | str | Path | ModelSource, component: str, settings: ExportSettings
 ) -> list[tuple[ExportSpec, torch.nn.Module]]:
     """(spec, export wrapper) for every graph traced for `component`, with the weights loaded in the export dtype.
 
@@ -192,7 +207,7 @@ def component_graphs(
     the block graphs take their weights as inputs, so only the embed/unembed weights are read."""
     from . import specs, wrappers
 
-    source = model_source(checkpoint_dir)
+    source = model_source(checkpoint)
     dtype_name = EXPORT_DTYPES[settings.dtype]
     dtype = TORCH_DTYPES[dtype_name]
     if component == "transformer":
@@ -218,13 +233,13 @@ def component_graphs(
     return [(spec, wrappers.ImageEncoderGraph(encoder))]
 
 
-def reference_graph(checkpoint_dir: str | Path | ModelSource, graph: str,
+def reference_graph(checkpoint: Checkpoint | str | Path | ModelSource, graph: str,
                     settings: ExportSettings = ExportSettings()) -> tuple[ExportSpec, torch.nn.Module]:  # fmt: skip
     """(spec, PyTorch module with exactly the graph's inputs) of any exported graph, the whole transformer
     included: what parity tests compare the ONNX graphs and TensorRT engines with."""
     from . import specs, wrappers
 
-    source = model_source(checkpoint_dir)
+    source = model_source(checkpoint)
     if graph == "transformer":
         dtype_name = EXPORT_DTYPES[settings.dtype]
         config, clip_tokens = source.transformer_config(), source.clip_geometry()[1]
@@ -239,10 +254,8 @@ def reference_graph(checkpoint_dir: str | Path | ModelSource, graph: str,
 
 def _export_component(source: ModelSource, out_dir: Path, component: str, settings: ExportSettings,
                       progress: bool) -> dict:  # fmt: skip
-    """Export every graph of `component` into a temp folder, then move the files into `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{component}.", dir=out_dir.parent))
-    try:
+    """Export every graph of `component` into a temp folder, then fsync the files and move them into `out_dir`."""
+    with scratch_folder(out_dir, component) as tmp:
         graphs = component_graphs(source, component, settings)
         entries = {}
         exporter = settings.exporter_for(component)
@@ -254,13 +267,12 @@ def _export_component(source: ModelSource, out_dir: Path, component: str, settin
         del graphs  # the embed/unembed weights; the whole graph's are streamed
         if component == "transformer" and not settings.per_block:
             entries = {"transformer": _stitch_whole(source, tmp, entries, settings, progress)}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for entry in entries.values():
-            for name in filter(None, (entry["data_file"], entry["file"])):
-                os.replace(tmp / name, out_dir / name)
+        with explained_write_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for entry in entries.values():
+                for name in filter(None, (entry["data_file"], entry["file"])):
+                    publish(tmp / name, out_dir / name)
         return entries
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _stitch_whole(source: ModelSource, folder: Path, stages: dict, settings: ExportSettings, progress: bool) -> dict:
@@ -287,7 +299,7 @@ def _stitch_whole(source: ModelSource, folder: Path, stages: dict, settings: Exp
     return {
         "file": path.name,
         "data_file": data.name,
-        "bytes": path.stat().st_size + data.stat().st_size,
+        **_file_fields([path, data]),
         "opset": max(entry["opset"] for entry in stages.values()),
         "fp32_nodes": total("fp32_nodes"),
         "attention": attention,
@@ -332,11 +344,10 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, folder: Path, settin
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=data_file, size_threshold=1024)  # fmt: skip
     onnx.checker.check_model(str(path))
-    files = [path] + ([folder / data_file] if data_file else [])
     return {
         "file": path.name,
         "data_file": data_file,
-        "bytes": sum(f.stat().st_size for f in files),
+        **_file_fields([path] + ([folder / data_file] if data_file else [])),
         "opset": graph_passes.default_opset(model),
         "fp32_nodes": fp32_nodes,
         "attention": graph_passes.attention_counts(model),
@@ -344,10 +355,14 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, folder: Path, settin
     }
 
 
+def _file_fields(files: list[Path]) -> dict:
+    """A graph entry's `bytes` (all its files) and `sha256` (per file), what `manifest.entry_is_current` checks."""
+    return {"bytes": sum(f.stat().st_size for f in files), "sha256": {f.name: file_digest(f) for f in files}}
+
+
 def _export_torchscript(module, spec: ExportSpec, inputs: dict, opset: int, folder: Path):
     onnx = require("onnx", "ONNX export")
-    raw_dir = Path(tempfile.mkdtemp(prefix=f"{spec.name}.raw.", dir=folder))
-    try:
+    with scratch_folder(folder / spec.name, "raw") as raw_dir:
         raw = raw_dir / "model.onnx"
         with warnings.catch_warnings():  # tracer notes on Python branches: the specs pick the traced sizes for them
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -357,8 +372,6 @@ def _export_torchscript(module, spec: ExportSpec, inputs: dict, opset: int, fold
                 dynamic_axes=spec.dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )  # fmt: skip
         return onnx.load(str(raw))  # loads any external weight files the exporter wrote
-    finally:
-        shutil.rmtree(raw_dir, ignore_errors=True)
 
 
 def _export_dynamo(module, spec: ExportSpec, inputs: dict, opset: int):

@@ -7,8 +7,9 @@ dtype)` reads or makes one tensor. So a full-size export never holds the 14.4 GB
 at once: the per-block graphs need only the embed/unembed weights (about 0.35 GB in fp16) and the
 whole-model graph is written block by block (export/stitch.py).
 
-- `CheckpointSource(folder)`: reads safetensors lazily (safe_open, tensor by tensor, over shards).
-- `RandomSource(seed)`: the released architecture with the `full-random` preset's weights, tensor for
+Configs come from the `Checkpoint` (models/checkpoint.py) the source wraps (`model_source(spec)`):
+- `CheckpointSource(checkpoint)`: reads safetensors lazily (safe_open, tensor by tensor, over shards).
+- `RandomSource(seed)`: `full-random`, the released architecture with the preset's weights, tensor for
   tensor what `models.presets.full_random_transformer` makes (same generator per tensor position).
 """
 
@@ -23,30 +24,35 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint_io import CheckpointError, check_state_dict, config_to_dict, read_config, weight_files
+from ..models.checkpoint import FULL_RANDOM, Checkpoint
+from ..models.checkpoint_io import CheckpointError, check_state_dict, config_to_dict, weight_files
+from ..models.image_encoder import CLIPImageEncoder
 from ..models.transformer import RuyiTransformer3D, TransformerConfig, computed_state
+from ..models.vae import RuyiVAE
 from ..models.vae_config import VAEConfig
 
-FULL_RANDOM = "full-random"
 RANDOM_RECIPE = "models.presets.random_value v1"  # part of full-random's hash: change it with the recipe
+# exported component -> the checkpoint part whose config and weights it is made from
+COMPONENT_PARTS = {"transformer": "transformer", "vae-encoder": "vae", "vae-decoder": "vae",
+                   "image-encoder": "image_encoder"}  # fmt: skip
 
 
 class ModelSource(abc.ABC):
-    """Configs, hashes and weights of one model; see the module docstring."""
+    """Configs, hashes and weights of one checkpoint (models.checkpoint.Checkpoint); see the module docstring."""
 
-    name: str
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.name = checkpoint.name
 
-    @abc.abstractmethod
     def transformer_config(self) -> TransformerConfig:
-        """The transformer's config."""
+        return self.checkpoint.transformer
 
-    @abc.abstractmethod
     def vae_config(self) -> VAEConfig:
-        """The VAE's config."""
+        return self.checkpoint.vae
 
-    @abc.abstractmethod
     def clip_geometry(self) -> tuple[int, int, int]:
         """(image size, patch tokens, hidden size) of the CLIP vision tower."""
+        return self.checkpoint.clip_geometry
 
     @abc.abstractmethod
     def component_hash(self, component: str) -> str:
@@ -56,13 +62,13 @@ class ModelSource(abc.ABC):
     def transformer_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         """One transformer state-dict entry, on the CPU, floating tensors cast to `dtype`."""
 
-    @abc.abstractmethod
-    def vae(self, dtype: torch.dtype):
-        """The whole VAE (RuyiVAE) on the CPU in `dtype`."""
+    def vae(self, dtype: torch.dtype) -> RuyiVAE:
+        """The whole VAE on the CPU in `dtype`."""
+        return self.checkpoint.load_vae(dtype)
 
-    @abc.abstractmethod
-    def image_encoder(self, dtype: torch.dtype):
-        """The CLIP image encoder (CLIPImageEncoder) on the CPU in `dtype`."""
+    def image_encoder(self, dtype: torch.dtype) -> CLIPImageEncoder:
+        """The CLIP image encoder on the CPU in `dtype`."""
+        return self.checkpoint.load_image_encoder(dtype)
 
     def transformer(self, dtype: torch.dtype, keys: Callable[[str], bool] = lambda key: True) -> RuyiTransformer3D:
         """The transformer with the state-dict entries `keys` selects loaded (on the CPU, in `dtype`); every
@@ -85,26 +91,12 @@ class ModelSource(abc.ABC):
 class CheckpointSource(ModelSource):
     """A checkpoint folder in the released layout (transformer/, vae/, image_encoder/)."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.name = str(self.folder)
-
-    def transformer_config(self) -> TransformerConfig:
-        return _transformer_config(str(self.folder / "transformer"))
-
-    def vae_config(self) -> VAEConfig:
-        folder = self.folder / "vae"
-        return VAEConfig.from_dict(read_config(folder), source=str(folder / "config.json"))
-
-    def clip_geometry(self) -> tuple[int, int, int]:
-        from ..models.image_encoder import vision_geometry
-
-        return vision_geometry(self.folder / "image_encoder")
+    def __init__(self, checkpoint: Checkpoint):
+        super().__init__(checkpoint)
+        self.folder = checkpoint.part("transformer").parent
 
     def component_hash(self, component: str) -> str:
-        from .manifest import component_hash
-
-        return component_hash(self.folder, component)
+        return self.checkpoint.weights_hash(COMPONENT_PARTS[component])
 
     def transformer_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         reader = _lazy_reader(str(self.folder / "transformer"))
@@ -127,41 +119,18 @@ class CheckpointSource(ModelSource):
         check_state_dict({k: v.shape for k, v in model.state_dict().items()}, shapes, str(self.folder / "transformer"))
         return super().transformer(dtype, keys)
 
-    def vae(self, dtype: torch.dtype):
-        from ..models.vae import RuyiVAE
-
-        return RuyiVAE.from_pretrained(self.folder / "vae", dtype=dtype)
-
-    def image_encoder(self, dtype: torch.dtype):
-        from ..models.image_encoder import CLIPImageEncoder
-
-        return CLIPImageEncoder.from_pretrained(self.folder / "image_encoder", dtype=dtype)
-
 
 class RandomSource(ModelSource):
-    """`full-random`: TransformerConfig.full(), VAEConfig.full(), CLIP ViT-L/14-336, deterministic random weights."""
+    """`full-random`: the released architecture (Checkpoint.full_random()) with deterministic random weights."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, checkpoint: Checkpoint | None = None):
+        super().__init__(checkpoint or Checkpoint.full_random())
         self.seed = seed
-        self.name = FULL_RANDOM
-
-    def transformer_config(self) -> TransformerConfig:
-        return TransformerConfig.full()
-
-    def vae_config(self) -> VAEConfig:
-        return VAEConfig.full()
-
-    def clip_geometry(self) -> tuple[int, int, int]:
-        from ..models.presets import FULL_CLIP
-
-        size = FULL_CLIP["image_size"]
-        return size, (size // FULL_CLIP["patch_size"]) ** 2, TransformerConfig.full().projection_dim
 
     def component_hash(self, component: str) -> str:
-        from ..models.presets import FULL_CLIP
-
-        configs = {"transformer": config_to_dict(self.transformer_config()), "vae": config_to_dict(self.vae_config()),
-                   "clip": FULL_CLIP}  # fmt: skip
+        checkpoint = self.checkpoint
+        configs = {"transformer": config_to_dict(checkpoint.transformer), "vae": config_to_dict(checkpoint.vae),
+                   "clip": checkpoint.image_encoder}  # fmt: skip
         payload = {"preset": FULL_RANDOM, "recipe": RANDOM_RECIPE, "seed": self.seed, "component": component,
                    "configs": configs}  # fmt: skip
         return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -177,24 +146,23 @@ class RandomSource(ModelSource):
             value = random_value(key, shape, index, self.seed)
         return value.to(dtype)
 
-    def vae(self, dtype: torch.dtype):
+    def vae(self, dtype: torch.dtype) -> RuyiVAE:
         from ..models.presets import full_random_vae
 
         return full_random_vae("cpu", dtype, self.seed + 1)
 
-    def image_encoder(self, dtype: torch.dtype):
+    def image_encoder(self, dtype: torch.dtype) -> CLIPImageEncoder:
         from ..models.presets import full_random_image_encoder
 
         return full_random_image_encoder("cpu", dtype, self.seed + 2)
 
 
-def model_source(model: str | Path | ModelSource) -> ModelSource:
-    """A source for `model`: a ModelSource as it is, 'full-random', or a checkpoint folder."""
+def model_source(model: Checkpoint | str | Path | ModelSource) -> ModelSource:
+    """A source for `model`: a ModelSource as it is, else the checkpoint it names (Checkpoint.resolve, no download)."""
     if isinstance(model, ModelSource):
         return model
-    if str(model) == FULL_RANDOM:
-        return RandomSource()
-    return CheckpointSource(model)
+    checkpoint = Checkpoint.resolve(model, download=False)
+    return RandomSource(checkpoint=checkpoint) if checkpoint.is_random else CheckpointSource(checkpoint)
 
 
 @functools.lru_cache(maxsize=1)
@@ -204,11 +172,6 @@ def _random_layout() -> dict[str, tuple[int, tuple[int, ...]]]:
         model = RuyiTransformer3D(TransformerConfig.full())
     entries = list(model.named_parameters()) + list(model.named_buffers())
     return {name: (index, tuple(tensor.shape)) for index, (name, tensor) in enumerate(entries)}
-
-
-@functools.lru_cache(maxsize=4)
-def _transformer_config(folder: str) -> TransformerConfig:
-    return TransformerConfig.from_dict(read_config(folder), source=str(Path(folder) / "config.json"))
 
 
 class _LazyReader:

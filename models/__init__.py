@@ -9,4 +9,4 @@ from .transformer import RuyiTransformer3D, TransformerConfig
 from .vae import RuyiVAE
 from .vae_config import VAEConfig
 
-__all__ = ["CheckpointError", "CLIPImageEncoder", "RuyiTransformer3D", "RuyiVAE", "TransformerConfig", "VAEConfig"]
+__all__ = ["CLIPImageEncoder", "CheckpointError", "RuyiTransformer3D", "RuyiVAE", "TransformerConfig", "VAEConfig"]

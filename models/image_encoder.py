@@ -47,25 +47,37 @@ class CLIPImageEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-    ) -> "CLIPImageEncoder":
-        """Load `image_encoder/` as the reference does (a full CLIPConfig or a vision-only config both work)."""
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        config: dict[str, Any] | None = None,
+        processor_config: dict[str, Any] | None = None,
+    ) -> CLIPImageEncoder:
+        """Load `image_encoder/` as the reference does (a full CLIPConfig or a vision-only config both work).
+
+        `config` / `processor_config` are the folder's config.json / preprocessor_config.json when the caller has
+        read them already (`models.checkpoint.Checkpoint`); otherwise they are read here."""
         from transformers import CLIPVisionModelWithProjection
 
         folder = Path(folder)
-        read_config(folder)  # clear errors for a missing folder or config.json
-        processor_path = folder / PREPROCESSOR_NAME
-        if not processor_path.is_file():
-            raise CheckpointError(f"{processor_path} is missing: the CLIP image preprocessing settings are needed.")
+        if config is None:
+            config = read_config(folder)  # clear errors for a missing folder or config.json
+        if processor_config is None:
+            processor_path = folder / PREPROCESSOR_NAME
+            if not processor_path.is_file():
+                raise CheckpointError(f"{processor_path} is missing: the CLIP image preprocessing settings are needed.")
+            processor_config = json.loads(processor_path.read_text())
         try:
-            model = CLIPVisionModelWithProjection.from_pretrained(str(folder), torch_dtype=dtype)
+            model = CLIPVisionModelWithProjection.from_pretrained(
+                str(folder), config=vision_config(config, str(folder)), torch_dtype=dtype
+            )
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(
                 f"cannot load the CLIP image encoder from {folder} ({exc}). The weights are missing, truncated "
                 "or do not match config.json: download the checkpoint again."
             ) from exc
-        processor = json.loads(processor_path.read_text())
-        return cls(model, processor).to(device).eval().requires_grad_(False)
+        return cls(model, processor_config).to(device).eval().requires_grad_(False)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json, model.safetensors and preprocessor_config.json into `folder`."""
@@ -75,13 +87,32 @@ class CLIPImageEncoder(nn.Module):
         return folder
 
 
-def vision_geometry(folder: str | Path) -> tuple[int, int, int]:
-    """(image size, patch tokens, hidden size) of the `image_encoder/` folder's CLIP tower, from its config alone."""
+def _vision_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """The vision part of an image_encoder/config.json dict (vision-only, or a full CLIPConfig)."""
+    if data.get("model_type") == "clip" or "vision_config" in data:
+        return dict(data.get("vision_config") or {})
+    return dict(data)
+
+
+def vision_config(data: dict[str, Any], source: str = "image_encoder/config.json"):
+    """transformers' CLIPVisionConfig from an image_encoder/config.json dict."""
     from transformers import CLIPVisionConfig
 
-    read_config(folder)  # clear errors for a missing folder or config.json
-    config = CLIPVisionConfig.from_pretrained(str(folder))
-    return config.image_size, (config.image_size // config.patch_size) ** 2, config.hidden_size
+    try:
+        return CLIPVisionConfig.from_dict({k: v for k, v in _vision_dict(data).items() if k != "model_type"})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source} is not a CLIP vision config ({exc}); download the checkpoint again.") from exc
+
+
+def vision_geometry(config: dict[str, Any], source: str = "image_encoder/config.json") -> tuple[int, int, int]:
+    """(image size, patch tokens, hidden size) of a CLIP tower, from its config.json dict alone (missing keys take
+    CLIPVisionConfig's defaults: 224 px, patch 32, width 768; transformers is not imported)."""
+    vision = _vision_dict(config)
+    image_size, patch_size, hidden = vision.get("image_size", 224), vision.get("patch_size", 32), vision.get("hidden_size", 768)
+    if not all(isinstance(v, int) and v > 0 for v in (image_size, patch_size, hidden)):
+        raise CheckpointError(f"{source}: image_size, patch_size and hidden_size must be positive integers, got "
+                              f"{image_size!r}, {patch_size!r}, {hidden!r}; download the checkpoint again.")  # fmt: skip
+    return image_size, (image_size // patch_size) ** 2, hidden
 
 
 def clip_processor_config(image_size: int) -> dict[str, Any]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import atomic_folder, file_lock
 from .checkpoint_io import config_to_dict, save_component
 from .control_embeddings import make_random_control_embeddings, save_control_embeddings
 from .image_encoder import CLIPImageEncoder, build_random_image_encoder
@@ -104,21 +103,14 @@ def write_tiny_checkpoint(folder: str | Path, seed: int = TINY_SEED) -> Path:
 
 
 def tiny_checkpoint_dir(root: Path | None = None, seed: int = TINY_SEED) -> Path:
-    """The tiny checkpoint folder in the cache, built on first use (atomically: temp folder, then rename)."""
+    """The tiny checkpoint folder in the cache, built on first use (atomically, under a lock: a second process
+    waits for the first one's folder)."""
     target = (root or cache_root()) / f"{TINY_VERSION}-seed{seed}"
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write_tiny_checkpoint(tmp, seed)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with file_lock(target):
+        if not (target / "model_index.json").is_file():
+            atomic_folder(target, lambda tmp: write_tiny_checkpoint(tmp, seed), replace=True)
     return target
 
 
@@ -145,8 +137,11 @@ def full_random_transformer(
     return randomize_(model, seed, keep=set(fixed)).eval().requires_grad_(False)
 
 
-# CLIP ViT-L/14 at 336 px (architecture doc section 4): 24 x 24 = 576 tokens of width 1024.
-FULL_CLIP = {"image_size": 336, "patch_size": 14, "num_layers": 24, "num_heads": 16}
+# CLIP ViT-L/14 at 336 px, vision tower only (architecture doc section 4): 24 x 24 = 576 tokens of width 1024,
+# as image_encoder/config.json would say it
+FULL_CLIP_CONFIG = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                    "projection_dim": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
+                    "patch_size": 14, "hidden_act": "quick_gelu"}  # fmt: skip
 
 
 def full_random_vae(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> RuyiVAE:
@@ -161,5 +156,9 @@ def full_random_image_encoder(
     device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 2
 ) -> CLIPImageEncoder:
     """The full-size CLIP image encoder (ViT-L/14-336, vision tower only) with random weights on `device`."""
-    encoder = build_random_image_encoder(hidden_size=TransformerConfig.full().projection_dim, seed=seed, **FULL_CLIP)
+    clip = FULL_CLIP_CONFIG
+    encoder = build_random_image_encoder(
+        hidden_size=clip["hidden_size"], image_size=clip["image_size"], patch_size=clip["patch_size"],
+        num_layers=clip["num_hidden_layers"], num_heads=clip["num_attention_heads"], seed=seed,
+    )  # fmt: skip
     return encoder.to(device=device, dtype=dtype)

@@ -171,6 +171,7 @@ class BlockInputs(NamedTuple):
     num_frames: int
     grid_height: int  # hp
     grid_width: int  # wp
+    frame_index: Tensor | None = None  # [N] frame of each token when hidden holds a slice (sequence parallelism)
 
 
 class PatchEmbed(nn.Module):
@@ -242,10 +243,16 @@ class RuyiTransformer3D(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        config: TransformerConfig | None = None,
     ) -> RuyiTransformer3D:
-        """Load a `transformer/` folder (config.json + safetensors) strictly; missing fixed tables are computed."""
-        config = TransformerConfig.from_dict(read_config(folder), source=str(Path(folder) / "config.json"))
+        """Load a `transformer/` folder (config.json + safetensors) strictly; missing fixed tables are computed.
+        `config` is the folder's config when the caller has read it already."""
+        if config is None:
+            config = TransformerConfig.from_dict(read_config(folder), source=str(Path(folder) / "config.json"))
         with torch.device("meta"):
             model = cls(config)
         load_into(

@@ -11,6 +11,7 @@ H heads, d head width, L context length.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,20 @@ from .rope import apply_rotary
 NORM_EPS = 1e-6
 TEMPORAL_PE_LEN = 512  # frames covered by the temporal sin-cos table
 
+# The self-attention core: (q, k, v) [B, H, N, d] after QK-norm and RoPE -> [B, H, N, d], scale d^-0.5, no mask.
+# None means the module's own `attention_fn` (`sdpa`); a sequence-parallel runner passes one that sees the whole sequence.
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
 
 def attention_scale(head_dim: int) -> float:
     """SDPA's default scale 1/sqrt(d), passed explicitly so that exported graphs carry it as a constant
     (from the tensor's shape it is a Shape -> Sqrt subgraph that hides the attention pattern)."""
     return 1.0 / math.sqrt(head_dim)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The default `AttentionFn`: F.scaled_dot_product_attention with its scale given as a constant."""
+    return F.scaled_dot_product_attention(q, k, v, scale=attention_scale(q.shape[-1]))
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -55,8 +65,13 @@ class TemporalPositionalEncoding(nn.Module):
         super().__init__()
         self.register_buffer("pe", temporal_table(dim))
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        """x [B, F*S, D] -> x + pe[f] for the frame f of each token."""
+    def forward(self, x: Tensor, num_frames: int, frame_index: Tensor | None = None) -> Tensor:
+        """x [B, F*S, D] -> x + pe[f] for the frame f of each token.
+
+        frame_index [n] (int64): x holds only n tokens of the sequence (a sequence-parallel slice), token i
+        belonging to frame frame_index[i]; None: x holds all F*S tokens, frame-major."""
+        if frame_index is not None:
+            return x + self.pe[0, frame_index]
         batch, tokens, dim = x.shape
         x = x.view(batch, num_frames, tokens // num_frames, dim)  # (B, F, S, D)
         x = x + self.pe[0, :num_frames, None, :]
@@ -80,6 +95,9 @@ class Attention(nn.Module):
     """Multi-head attention with per-head LayerNorm on q and k, RoPE, and no mask.
 
     Self-attention rotates q and k; cross-attention (context_dim given) rotates q only.
+    `attention_fn` is the local attention kernel (an `AttentionFn`): `sdpa` unless a backend plugs in another one
+    (the FP8 attention of kernels/, runtime/backends/fast_compute.py). A per-call `attend` (sequence
+    parallelism) takes precedence over it.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
@@ -94,6 +112,7 @@ class Attention(nn.Module):
         self.norm_q = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
         self.norm_k = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.attention_fn: AttentionFn = sdpa
 
     def forward(
         self,
@@ -103,8 +122,11 @@ class Attention(nn.Module):
         sin: Tensor,
         enhance_weight: float | None = None,
         num_frames: int = 1,
+        attend: AttentionFn | None = None,
     ) -> Tensor:
         """x [B, N, D], context [B, L, C] (None: x itself), cos/sin [N, d] float32 -> [B, N, D].
+
+        attend replaces F.scaled_dot_product_attention on (q, k, v) after QK-norm and RoPE (see `AttentionFn`).
 
         enhance_weight (self-attention only; None: off): Enhance-A-Video. The output is multiplied by
         `enhance_a_video_score(q, k, num_frames, enhance_weight)`, taken from q and k after the QK LayerNorm
@@ -124,7 +146,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         if self.rotate_keys:
             k = apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attention_scale(self.head_dim))  # (B, H, N, d)
+        out = (attend or self.attention_fn)(q, k, v)  # (B, H, N, d), scale d^-0.5
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)  # (B, N, D)
         out = self.to_out[0](out)
         if score is not None:
@@ -245,11 +267,16 @@ class TransformerBlock(nn.Module):
         num_frames: int,
         skip: Tensor | None = None,
         enhance_weight: float | None = None,
+        frame_index: Tensor | None = None,
+        attend: AttentionFn | None = None,
     ) -> Tensor:
         """x [B, N, D], temb [B, D], text_states [B, L_text, C], clip_states [B, n_query, C],
         rope_cos/rope_sin [N, d] float32 (already tiled over frames), skip [B, N, D] in skip blocks.
         enhance_weight: Enhance-A-Video on the self-attention output (None: off, the exported default);
-        the torch `BlockRunner` passes it on the steps where it is active."""
+        the torch `BlockRunner` passes it on the steps where it is active.
+        frame_index, attend (sequence parallelism; None: off): x, rope and skip hold a slice of the tokens,
+        frame_index [N] gives each token's frame for the temporal PE, and `attend` runs the self-attention core
+        over the whole sequence (cross-attention, the FFN and the skip fuse are token-local)."""
         # 0. Long skip: x = Linear(LN_fp32(cat[x, skip]))
         if self.has_skip:
             if skip is None:
@@ -258,10 +285,10 @@ class TransformerBlock(nn.Module):
 
         # 1. Temporal sin-cos PE, added in every block when there is more than one frame
         if num_frames != 1 and self.t_embed is not None:
-            x = self.t_embed(x, num_frames)
+            x = self.t_embed(x, num_frames, frame_index)
 
         # 2. Self-attention over all frames and patches (RoPE on q and k)
-        x = x + self.attn1(self.norm1(x, temb), None, rope_cos, rope_sin, enhance_weight, num_frames)
+        x = x + self.attn1(self.norm1(x, temb), None, rope_cos, rope_sin, enhance_weight, num_frames, attend)
 
         # 3. Cross-attention to the text tokens (RoPE on q only)
         x = x + self.attn2(self.norm2(x), text_states, rope_cos, rope_sin)

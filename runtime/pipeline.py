@@ -1,195 +1,245 @@
-"""The Ruyi image-to-video pipeline over interchangeable backends.
+"""The public pipeline: `RuyiPipeline.from_pretrained(...)`, then `pipe(image, ...)` -> `Video`.
 
 image -> bucket + conditioning video -> VAE encode (inpaint latents) + CLIP tokens -> control embeddings
--> denoising loop (classifier-free guidance, scheduler) -> VAE decode (+ seam smoothing) -> video [1,3,F,H,W].
-The steps follow the reference `RuyiInpaintPipeline.__call__` as driven by `predict_i2v.py`
-(docs/ruyi-architecture.md section 6). One deliberate change: the reference draws the conditioning
-latents from the VAE posterior with the unseeded global RNG; we draw them with the run's seeded
-generator, so a seed fully determines the video.
+-> denoising loop (classifier-free guidance, scheduler; the backend's denoiser) -> VAE decode (+ seam smoothing)
+-> video. The steps follow the reference `RuyiInpaintPipeline.__call__` as driven by `predict_i2v.py`
+(docs/ruyi-architecture.md section 6). One deliberate change: the reference draws the conditioning latents from
+the VAE posterior with the unseeded global RNG; we draw them with the run's seeded generator, so a seed fully
+determines the video.
+
+`from_pretrained` reads the checkpoint's configs once (`models.checkpoint.Checkpoint`) and loads the weights
+right away, except when the memory plan depends on the video (memory_mode auto on a GPU or with a VRAM budget):
+then the first call plans for its video and loads, and a later call whose video needs another plan reloads.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..models.checkpoint import Checkpoint
 from ..models.control_embeddings import ControlEmbeddings
-from ..models.geometry import closest_bucket, round_video_length
 from ..models.scheduler import load_scheduler, timesteps_for
-from ..models.transformer import TransformerConfig, rotary_embedding
+from ..models.transformer import TransformerConfig
 from ..models.vae_config import VAEConfig
 from .backends.protocol import Components
 from .conditioning import clip_pixel_values, image_to_video_condition, prepare_mask_and_masked_video
-from .memory.device_usage import DevicePeak
-from .request import VideoRequest
+from .denoising import denoise_step, sample_posterior, transformer_conditioning
+from .loading import RuntimeOptions, load_components, memory_plan, plan_depends_on_video
+from .memory.plan import MemoryPlan
+from .parallel import ParallelContext, ParallelError, join
+from .request import ImageInput, VideoRequest
+from .stats import RunStats, StageTimer
+from .video import to_uint8_frames, write_frames, write_video
 
 log = logging.getLogger(__name__)
 
+FPS = 24
+# callback(stage, done, total): after each denoising step ("denoise"); it may raise to stop the run
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class GenerationError(RuntimeError):
+    """A run that cannot go ahead (out of memory, non-finite latents); the message says what to change."""
+
 
 @dataclass
-class RunStats:
-    """Seconds per stage and peak device memory of one run."""
+class Video:
+    """A generated video: `frames` uint8 [F, H, W, 3] on the CPU, at `fps`, with the run's `stats`."""
 
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_memory_bytes: int | None = None
-    driver_peak_bytes: int | None = None  # device memory in use as the driver reports it (TensorRT, ORT included)
-    height: int = 0
-    width: int = 0
-    frames: int = 0
+    frames: torch.Tensor
+    fps: int = FPS
+    stats: RunStats = field(default_factory=RunStats)
 
-    def summary(self) -> str:
-        stages = ", ".join(f"{name} {value:.2f}s" for name, value in self.seconds.items())
-        memory = f", peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB" if self.peak_memory_bytes else ""
-        if self.driver_peak_bytes:
-            memory += f" (torch allocator), {self.driver_peak_bytes / 2**30:.2f} GiB in use on the device (driver)"
-        host = _peak_host_gib()
-        host_text = f", peak host RSS {host:.2f} GiB" if host is not None else ""
-        return f"{self.frames} frames {self.height}x{self.width}: {stages}{memory}{host_text}"
+    def save(self, path: str | Path) -> Path:
+        """Write an H.264 mp4 (atomically: the file appears whole or not at all)."""
+        return write_video(self.frames, path, fps=self.fps)
 
-
-def _peak_host_gib() -> float | None:
-    """Peak resident memory of this process (Linux/macOS; None where `resource` does not exist)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-class _Timer:
-    def __init__(self, stats: RunStats, name: str, device: torch.device):
-        self.stats, self.name, self.device = stats, name, device
-
-    def __enter__(self) -> None:
-        self.peak = DevicePeak(self.device)  # the driver's view: TensorRT/ORT memory included
-        self.peak.start()
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats.seconds[self.name] = self.stats.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
-        self.peak.stop()
-        if self.peak.result is not None:
-            self.stats.driver_peak_bytes = max(self.stats.driver_peak_bytes or 0, self.peak.result.driver_peak_bytes)
-
-
-def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw from the diagonal Gaussian whose (mean | logvar) are stacked on dim 1, with a seeded CPU generator."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-
-
-def transformer_conditioning(
-    positive: dict[str, torch.Tensor],
-    negative: dict[str, torch.Tensor],
-    clip_tokens: torch.Tensor,
-    inpaint_latents: torch.Tensor,
-    height: int,
-    width: int,
-    config: TransformerConfig,
-    cfg_on: bool,
-) -> tuple[dict[str, torch.Tensor | tuple], dict[str, torch.Tensor | tuple]]:
-    """The transformer inputs that stay fixed over the loop, for the early steps (CLIP branch off: zero tokens,
-    mask 0 for every sample) and the late steps (positive sample sees the CLIP tokens, the negative zeros).
-    Batches are [negative, positive] when `cfg_on`, else [positive]."""
-    batch = 2 if cfg_on else 1
-
-    def stack(key: str) -> torch.Tensor:
-        return torch.cat([negative[key], positive[key]]) if cfg_on else positive[key]
-
-    latent_h, latent_w = inpaint_latents.shape[-2:]
-    cos, sin = rotary_embedding(latent_h, latent_w, config.patch_size, config.attention_head_dim)
-    fixed = {
-        "encoder_hidden_states": stack("emb1"),
-        "text_embedding_mask": stack("mask1"),
-        "encoder_hidden_states_t5": stack("emb2"),
-        "text_embedding_mask_t5": stack("mask2"),
-        "image_meta_size": torch.tensor([[1024.0, 1024.0, height, width, 0.0, 0.0]]).repeat(batch, 1),
-        "style": torch.zeros(batch, dtype=torch.long),
-        "image_rotary_emb": (cos, sin),
-        "inpaint_latents": inpaint_latents.repeat(batch, 1, 1, 1, 1),
-    }
-    zeros = torch.zeros_like(clip_tokens)
-    early = {
-        **fixed,
-        "clip_encoder_hidden_states": zeros.repeat(batch, 1, 1),
-        "clip_attention_mask": torch.zeros(batch, config.n_query),
-    }
-    late = {
-        **fixed,
-        "clip_encoder_hidden_states": torch.cat([zeros, clip_tokens]) if cfg_on else clip_tokens,
-        "clip_attention_mask": torch.cat([torch.zeros(1, config.n_query), torch.ones(1, config.n_query)])
-        if cfg_on
-        else torch.ones(1, config.n_query),
-    }
-    return early, late
-
-
-def guided_velocity(output: torch.Tensor, guidance_scale: float, latent_channels: int) -> torch.Tensor:
-    """Keep the v-prediction channels (drop learned sigma) and apply CFG when the batch is [uncond, cond]."""
-    velocity = output[:, :latent_channels]
-    if velocity.shape[0] == 2:
-        uncond, cond = velocity.chunk(2)
-        velocity = uncond + guidance_scale * (cond - uncond)
-    return velocity
-
-
-def denoise_step(
-    denoiser,
-    scheduler,
-    latents: torch.Tensor,
-    t: torch.Tensor,
-    inputs: dict,
-    guidance_scale: float,
-    latent_channels: int,
-    step_kwargs: dict,
-) -> torch.Tensor:
-    """One loop iteration: scale input, call the denoiser on the CFG batch, guide, scheduler step."""
-    batch = inputs["style"].shape[0]
-    model_in = scheduler.scale_model_input(torch.cat([latents] * batch), t)
-    timestep = torch.as_tensor(t).reshape(1).expand(batch).float()
-    output = denoiser(hidden_states=model_in, timestep=timestep, **inputs)
-    velocity = guided_velocity(output.to(latents.device), guidance_scale, latent_channels)
-    return scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
+    def save_frames(self, folder: str | Path, overwrite: bool = True) -> Path:
+        """Write every frame as a PNG into `folder` (atomically)."""
+        return write_frames(self.frames, folder, overwrite=overwrite)
 
 
 class RuyiPipeline:
-    """Runs one `VideoRequest` on `Components`; it loads nothing itself (see `runtime.loading`)."""
+    """Ruyi image-to-video over a checkpoint and runtime options; see the module docstring."""
 
     def __init__(
         self,
-        components: Components,
-        transformer_config: TransformerConfig,
-        vae_config: VAEConfig,
-        embeddings: ControlEmbeddings,
-        scheduler_config: dict,
-        clip_processor_config: dict,
-        clip_tokens: tuple[int, int],
+        checkpoint: Checkpoint,
+        options: RuntimeOptions,
+        components: Components | None = None,
+        embeddings: ControlEmbeddings | None = None,
     ):
-        self.components = components
-        self.transformer_config = transformer_config
-        self.vae_config = vae_config
-        self.embeddings = embeddings
-        self.scheduler_config = scheduler_config
-        self.clip_processor_config = clip_processor_config
-        self.clip_tokens = clip_tokens  # (tokens, hidden) of the image encoder output
+        """`components`, when given, are ready for `options` (the caller made them); otherwise the options are
+        validated here and the components load on demand (`load`). The control embeddings load from the checkpoint
+        on first use unless given."""
+        if components is None:
+            options.validate()
+        self.parallel: ParallelContext | None = None  # this rank's part of a torchrun job (options.parallel)
+        if options.parallel is not None:
+            options.parallel.check_heads(checkpoint.transformer.num_attention_heads)
+            self.parallel = join(options.parallel, options.device)
+            options = replace(options, device=str(self.parallel.device))
+        self.checkpoint, self.options = checkpoint, options
+        self._components = components
+        self._plan: MemoryPlan | None = None
+        self._plan_key: tuple | None = None
+        self._embeddings = embeddings
 
-    # -- stages ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path | Checkpoint | None = None, *, download: bool = True, **options: Any
+    ) -> RuyiPipeline:
+        """A pipeline for `model`: a checkpoint folder, "tiny", "full-random", or None for models/Ruyi-Mini-7B
+        (downloaded when missing and `download`). `options` say how to run, as `ruyi-trt run`'s options do
+        (`RuntimeOptions.make`): backend (torch, ort, trt), device (default cuda when visible), dtype (default bf16
+        on cuda, fp16 with ort, fp32 on the CPU), memory_mode (auto, full_gpu, normal, low_gpu), vram_budget (GiB),
+        offload_steps, fp8 (none, lite, strong, extreme), fp8_storage, teacache (threshold), enhance_a_video
+        (weight), lora (a .safetensors file), lora_strength, and the torch backend's compute (none, fp8, int8), scales
+        (a calibrated scales.safetensors or its folder), attention (sdpa, fp8, fp8-full) and fused_kernels."""
+        options = RuntimeOptions.make(**options)
+        pipe = cls(Checkpoint.resolve(model, download=download), options)
+        if not plan_depends_on_video(options):
+            pipe.load()
+        return pipe
+
+    # -- what it is -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.options.device)
+
+    @property
+    def transformer_config(self) -> TransformerConfig:
+        return self.checkpoint.transformer
+
+    @property
+    def vae_config(self) -> VAEConfig:
+        return self.checkpoint.vae
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._components is not None
+
+    @property
+    def components(self) -> Components:
+        """The loaded backends (loading them now, without a plan, if nothing is loaded yet)."""
+        if self._components is None:
+            self.load()
+        return self._components
+
+    def plan(self, request: VideoRequest) -> MemoryPlan | None:
+        """The memory plan for `request`'s video (None when no plan applies; see `runtime.loading.memory_plan`)."""
+        if not plan_depends_on_video(self.options):
+            return None
+        height, width, frames = request.geometry(self.checkpoint.vae.mini_batch_encoder)
+        return memory_plan(self.checkpoint, self.options, height, width, frames, request.guidance_scale > 1.0,
+                           request.steps)  # fmt: skip
+
+    def load(self, request: VideoRequest | None = None) -> Components:
+        """Load the components (planned for `request`'s video when the plan depends on it); a loaded pipeline is
+        kept unless the plan for `request` differs from the one it was loaded with."""
+        key = None
+        if request is not None and plan_depends_on_video(self.options):
+            key = (request.geometry(self.checkpoint.vae.mini_batch_encoder), request.guidance_scale > 1.0)
+        if self._components is not None and (key is None or key == self._plan_key):
+            return self._components
+        plan = self.plan(request) if key is not None else None
+        self.unload()
+        if plan is not None:
+            log.info("%s", plan.describe())
+        self._components = load_components(self.checkpoint, self.options, plan)
+        self._plan, self._plan_key = plan, key
+        return self._components
+
+    def unload(self) -> None:
+        """Release the loaded components and their device memory (they load again on the next call)."""
+        if self._components is not None:
+            self._components.close()
+            self._components = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self._plan = self._plan_key = None
+
+    close = unload
+
+    def with_options(self, **changes: object) -> RuyiPipeline:
+        """A new (unloaded) pipeline over the same checkpoint with some runtime options changed."""
+        return RuyiPipeline(self.checkpoint, replace(self.options, **changes))
+
+    # -- making a video ---------------------------------------------------------------------------
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        end_image: ImageInput | Sequence[ImageInput] | None = None,
+        *,
+        frames: int = 120,
+        resolution: int = 512,
+        size: tuple[int, int] | None = None,
+        camera: str = "static",
+        motion: str | int = 2,
+        steps: int = 25,
+        cfg: float = 7.0,
+        seed: int = 42,
+        scheduler: str = "DDIM",
+        clip_apply_ratio: float = 0.4,
+        callback: ProgressCallback | None = None,
+        progress: bool = True,
+    ) -> Video:
+        """Make a video from a start image (a PIL image, a path, or a list of up to 5) and optional end image(s).
+
+        frames 1..120 (rounded down to a multiple of 8), resolution 512 or 768 (the aspect bucket of the first
+        start image; `size` (height, width) overrides it), camera static/left/right/up/down/auto, motion 1-4 or
+        auto, cfg <= 1 turns classifier-free guidance off."""
+        request = VideoRequest.from_inputs(
+            image, end_image, frames=frames, resolution=resolution, size=size, camera=camera, motion=motion,
+            steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler, clip_apply_ratio=clip_apply_ratio,
+        )  # fmt: skip
+        return self.generate(request, callback=callback, progress=progress)
+
+    def generate(
+        self, request: VideoRequest, callback: ProgressCallback | None = None, progress: bool = True
+    ) -> Video:
+        """Make the video `request` describes (see `__call__` for the options). Under --parallel every rank calls
+        this and every rank gets the video; only rank 0 shows progress."""
+        if self.options.parallel is not None:
+            self.options.parallel.check_guidance(request.guidance_scale > 1.0)
+        progress = progress and (self.parallel is None or self.parallel.is_main)
+        try:
+            self.load(request)
+            pixels, stats = self.run(request, progress=progress,
+                                     on_step=(lambda done, total: callback("denoise", done, total)) if callback else None)  # fmt: skip
+        except ParallelError as exc:
+            raise GenerationError(str(exc)) from exc
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise GenerationError(
+                f"out of memory ({exc}). Try memory_mode auto (with a smaller VRAM budget), low_gpu, offload steps "
+                "1, fp8 lite, dtype bf16, or fewer frames / a lower resolution."
+            ) from exc
+        return Video(to_uint8_frames(pixels), FPS, stats)
+
+    # -- the stages -------------------------------------------------------------------------------
+    @property
+    def embeddings(self) -> ControlEmbeddings:
+        if self._embeddings is None:
+            self._embeddings = self.checkpoint.load_embeddings()
+        return self._embeddings
+
     def encode_latents(self, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """VAE-encode a [1,3,F,H,W] clip in [-1,1] and draw scaled latents."""
         moments = self.components.vae_encoder(video=video)
-        return sample_posterior(moments, generator) * self.vae_config.scaling_factor
+        return sample_posterior(moments, generator) * self.checkpoint.vae.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> video in [0,1], float32 on the CPU, with the reference's seam smoothing."""
-        cfg = self.vae_config
+        cfg = self.checkpoint.vae
         video = self.components.vae_decoder(latents=latents / cfg.scaling_factor).float().clamp(-1, 1)
         if not cfg.cache_compression_vae:
             video = self.smooth_seams(video).clamp(-1, 1)
@@ -197,7 +247,7 @@ class RuyiPipeline:
 
     def smooth_seams(self, video: torch.Tensor) -> torch.Tensor:
         """Average the middle frames with a re-encode (posterior mode) and re-decode of them: hides chunk seams."""
-        chunk = self.vae_config.mini_batch_encoder
+        chunk = self.checkpoint.vae.mini_batch_encoder
         if video.shape[2] <= chunk:
             return video
         before, after = chunk // 2, chunk - chunk // 2
@@ -208,14 +258,13 @@ class RuyiPipeline:
         video[:, :, before:-after] = (middle + redecoded) / 2
         return video
 
-    # -- the run --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(
+    def run(
         self, request: VideoRequest, progress: bool = True, on_step: Callable[[int, int], None] | None = None
     ) -> tuple[torch.Tensor, RunStats]:
-        """Generate the video for `request`: returns ([1,3,F,H,W] float32 in [0,1] on the CPU, stats).
+        """The stages for `request` on the loaded components: ([1,3,F,H,W] float32 in [0,1] on the CPU, stats).
 
-        `on_step(done, total)` is called after each denoising step (ComfyUI's progress bar; it may raise to stop)."""
+        `on_step(done, total)` is called after each denoising step (it may raise to stop the run)."""
         comps, tcfg, vcfg = self.components, self.transformer_config, self.vae_config
         device, dtype = comps.device, comps.dtype
         stats = RunStats()
@@ -224,15 +273,11 @@ class RuyiPipeline:
         generator = torch.Generator().manual_seed(request.seed)
 
         # 1. Size and length: aspect bucket of the first start image, frames rounded to VAE chunks
-        if request.size is not None:
-            height, width = request.size
-        else:
-            height, width = closest_bucket(*request.start_images[0].size, request.resolution)
-        frames = round_video_length(request.frames, vcfg.mini_batch_encoder)
+        height, width, frames = request.geometry(vcfg.mini_batch_encoder)
         stats.height, stats.width, stats.frames = height, width, frames
 
         # 2. Conditioning video and mask (known frames = 0), then the inpaint latents
-        with _Timer(stats, "vae_encode", device):
+        with StageTimer(stats, "vae_encode", device):
             input_video, mask, clip_image = image_to_video_condition(
                 list(request.start_images), list(request.end_images) or None, frames, height, width
             )
@@ -242,8 +287,8 @@ class RuyiPipeline:
             inpaint = torch.cat([mask_latents, masked_latents], dim=1)  # (1, 2*C, T, h, w)
 
         # 3. CLIP image tokens of the resized start frame
-        with _Timer(stats, "image_encoder", device):
-            clip_tokens = comps.image_encoder(pixel_values=clip_pixel_values(clip_image, self.clip_processor_config))
+        with StageTimer(stats, "image_encoder", device):
+            clip_tokens = comps.image_encoder(pixel_values=clip_pixel_values(clip_image, self.checkpoint.image_processor))
 
         # 4. Control embeddings (camera, motion) and every fixed transformer input, [negative, positive] under CFG
         positive, negative = self.embeddings.select(request.camera, request.motion)
@@ -253,7 +298,7 @@ class RuyiPipeline:
         )
 
         # 5. Scheduler and initial noise
-        scheduler = load_scheduler(request.scheduler, self.scheduler_config)
+        scheduler = load_scheduler(request.scheduler, self.checkpoint.scheduler)
         timesteps = timesteps_for(scheduler, request.steps)
         latent_h, latent_w = inpaint.shape[-2:]
         shape = (1, vcfg.latent_channels, inpaint.shape[2], latent_h, latent_w)
@@ -263,10 +308,10 @@ class RuyiPipeline:
         if request.scheduler == "DDIM":
             step_kwargs["eta"] = 0.0
 
-        # 7. Denoising loop
+        # 6. Denoising loop
         clip_start = len(timesteps) * (1 - request.clip_apply_ratio)
         comps.denoiser.start(len(timesteps))
-        with _Timer(stats, "denoise", device):
+        with StageTimer(stats, "denoise", device):
             for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
                 inputs = late if i >= clip_start else early
                 latents = denoise_step(
@@ -276,14 +321,22 @@ class RuyiPipeline:
                 if on_step is not None:
                     on_step(i + 1, len(timesteps))
             if not torch.isfinite(latents).all():
-                raise FloatingPointError(
+                raise GenerationError(
                     f"the latents became NaN/inf during denoising ({request.scheduler}, {request.steps} steps, "
                     f"{dtype}); try more steps, another scheduler or --dtype fp32/bf16."
                 )
 
-        # 8. Decode
-        with _Timer(stats, "vae_decode", device):
+        # 7. Decode
+        with StageTimer(stats, "vae_decode", device):
             video = self.decode_latents(latents)
         if device.type == "cuda":
             stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
         return video, stats
+
+
+def load_pipeline(
+    model: str | Path | Checkpoint, options: RuntimeOptions = RuntimeOptions(), plan: MemoryPlan | None = None
+) -> RuyiPipeline:
+    """A pipeline with its components loaded now for `options` (following `plan` when given)."""
+    checkpoint = Checkpoint.resolve(model, download=False)
+    return RuyiPipeline(checkpoint, options, load_components(checkpoint, options, plan))

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from ...deps import require
-from ...models.checkpoint_io import read_config
+from ...models.checkpoint import Checkpoint
 from ...models.vae import decode_in_chunks, encode_in_chunks
-from ...models.vae_config import VAEConfig
 from .protocol import CallableBackend, Components
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ class OrtGraph:
         return [torch.from_dlpack(value) for value in binding.get_outputs()]
 
 
-def ort_components(checkpoint_dir: str | Path, device: torch.device | str = "cpu", dtype: str = "fp32",
+def ort_components(checkpoint: Checkpoint | str | Path, device: torch.device | str = "cpu", dtype: str = "fp32",
                    providers: list | None = None, progress: bool = True, trt_profiles: dict[str, Profile] | None = None,
                    trt_cache_dir: Path | None = None) -> Components:  # fmt: skip
     """ORT backends for the checkpoint's graphs (exported into the artifact cache when missing). `trt_profiles`
@@ -133,9 +132,9 @@ def ort_components(checkpoint_dir: str | Path, device: torch.device | str = "cpu
         raise ValueError(
             f"dtype: {dtype!r} is not supported by the ONNX Runtime backend; use one of {tuple(ORT_DTYPES)}."
         )
-    folder, device = Path(checkpoint_dir), torch.device(device)
-    vae_config = VAEConfig.from_dict(read_config(folder / "vae"), source=str(folder / "vae" / "config.json"))
-    out = ensure_exported(folder, ExportSettings(dtype=dtype), progress=progress)
+    checkpoint = Checkpoint.resolve(checkpoint, download=False)
+    device, vae_config = torch.device(device), checkpoint.vae
+    out = ensure_exported(checkpoint, ExportSettings(dtype=dtype), progress=progress)
     listing = manifest.read_manifest(out)
 
     def graph(name: str) -> OrtGraph:

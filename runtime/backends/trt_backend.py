@@ -36,10 +36,9 @@ from ...engine.device_memory import ScratchMemory, engine_device_bytes, free_dev
 from ...engine.plan import BLOCK_TRANSFORMER
 from ...engine.runtime import TRTEngine
 from ...engine.trt_api import require_tensorrt
-from ...models.checkpoint_io import read_config
+from ...models.checkpoint import Checkpoint
 from ...models.transformer import TransformerConfig
 from ...models.vae import decode_in_chunks, encode_in_chunks
-from ...models.vae_config import VAEConfig
 from ..memory.plan import MemoryPlan
 from .protocol import CallableBackend, Components
 
@@ -54,18 +53,18 @@ OnActivate = Callable[[Path, cache.EngineRecord, TRTEngine], None]
 class EngineSet:
     """The cached engines one run may use; `run(graph, request, **inputs)` picks, activates and runs one."""
 
-    def __init__(self, model: str, checkpoint_dir: Path, precision: str, memory_plan: MemoryPlan | None = None,
+    def __init__(self, checkpoint: Checkpoint, precision: str, memory_plan: MemoryPlan | None = None,
                  cuda_graphs: bool = False, root: Path | None = None):  # fmt: skip
         from ...export.manifest import component_hash
 
         trt = require_tensorrt("the TensorRT backend")
-        self.model, self.precision = model, precision
+        self.model, self.precision = checkpoint.name, precision
         self.platform = cache.Platform.current(trt.__version__)
         self.cuda_graphs = cuda_graphs
         self.budget = memory_plan.usable_bytes if memory_plan is not None else None  # device bytes the run may use
         self.block_loop_bytes = memory_plan.trt_block_loop_bytes if memory_plan is not None else 0
         self.records = cache.read_records(cache.engines_root(root))
-        self.hashes = {c: component_hash(checkpoint_dir, c) for c in sorted(set(COMPONENT_OF.values()))}
+        self.hashes = {c: component_hash(checkpoint, c) for c in sorted(set(COMPONENT_OF.values()))}
         self.active: dict[Path, TRTEngine] = {}
         self.scratch = ScratchMemory()
         self.stream = torch.cuda.Stream()
@@ -129,7 +128,7 @@ class EngineSet:
         self.scratch.release()
 
 
-def trt_components(checkpoint_dir: Path, model: str, dtype: str, memory_plan: MemoryPlan | None = None,
+def trt_components(checkpoint: Checkpoint, dtype: str, memory_plan: MemoryPlan | None = None,
                    cuda_graphs: bool = False, lora: tuple[str, float] | None = None) -> Components:  # fmt: skip
     """TensorRT components for the checkpoint's cached engines (see the module docstring)."""
     require_tensorrt("--backend trt")
@@ -138,10 +137,8 @@ def trt_components(checkpoint_dir: Path, model: str, dtype: str, memory_plan: Me
                          "(the precision the engines were built in).")  # fmt: skip
     if not torch.cuda.is_available():
         raise ValueError("the TensorRT backend needs a CUDA GPU; none is visible (use --backend torch or ort).")
-    folder = Path(checkpoint_dir)
-    tcfg = TransformerConfig.from_dict(read_config(folder / "transformer"))
-    vcfg = VAEConfig.from_dict(read_config(folder / "vae"), source=str(folder / "vae" / "config.json"))
-    engines = EngineSet(model, folder, dtype, memory_plan, cuda_graphs)
+    vcfg = checkpoint.vae
+    engines = EngineSet(checkpoint, dtype, memory_plan, cuda_graphs)
     scale = vcfg.mini_batch_encoder // vcfg.mini_batch_decoder  # video frames per latent frame
 
     def video_request(video: torch.Tensor) -> tuple[int, int, int, int]:
@@ -173,7 +170,7 @@ def trt_components(checkpoint_dir: Path, model: str, dtype: str, memory_plan: Me
         engines.release("vae-decoder")
         return out
 
-    denoise = _denoiser(engines, folder, tcfg, TRT_DTYPES[dtype], latent_request, lora)
+    denoise = _denoiser(engines, checkpoint, TRT_DTYPES[dtype], latent_request, lora)
     return Components(
         image_encoder=CallableBackend(encode_image, engines.close),
         vae_encoder=CallableBackend(encode_video, engines.close),
@@ -184,10 +181,11 @@ def trt_components(checkpoint_dir: Path, model: str, dtype: str, memory_plan: Me
     )
 
 
-def _denoiser(engines: EngineSet, folder: Path, tcfg: TransformerConfig, dtype: torch.dtype, latent_request, lora):
+def _denoiser(engines: EngineSet, checkpoint: Checkpoint, dtype: torch.dtype, latent_request, lora):
     """The transformer call: the whole engine (refitted with a merged LoRA), or the per-block engines."""
     per_block = not engines.candidates("transformer") and bool(engines.candidates(BLOCK_TRANSFORMER[0]))
-    weights = _merged_weights(folder, dtype, lora) if (per_block or lora) else None
+    tcfg = checkpoint.transformer
+    weights = _merged_weights(checkpoint, dtype, lora) if (per_block or lora) else None
     if lora and not per_block:
         engines.on_activate["transformer"] = _refit_on_activate(weights)
     blocks = _block_weights(weights[0], tcfg.num_layers) if per_block else None
@@ -218,12 +216,11 @@ def _on_device(cache_: dict, tables: tuple[torch.Tensor, torch.Tensor]) -> tuple
     return cache_[key][2], cache_[key][3]
 
 
-def _merged_weights(folder: Path, dtype: torch.dtype, lora: tuple[str, float] | None) -> tuple[dict, list[str]]:
+def _merged_weights(checkpoint: Checkpoint, dtype: torch.dtype, lora: tuple[str, float] | None) -> tuple[dict, list[str]]:
     """(transformer state dict in `dtype` on the host, with the LoRA merged; the merged weight names)."""
-    from ...models.transformer import RuyiTransformer3D
     from ...weights.lora import load_lora, merge_lora
 
-    model = RuyiTransformer3D.from_pretrained(folder / "transformer", dtype=dtype)
+    model = checkpoint.load_transformer(dtype)
     changed = []
     if lora is not None:
         path, strength = lora

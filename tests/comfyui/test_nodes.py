@@ -16,7 +16,8 @@ import torch
 
 from ruyi_trt.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, nodes
 from ruyi_trt.comfyui.convert import images_to_pil, video_to_images
-from ruyi_trt.runtime.pipeline import RunStats
+from ruyi_trt.runtime.pipeline import Video
+from ruyi_trt.runtime.stats import RunStats
 from ruyi_trt.testing import gradient_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -122,9 +123,12 @@ def test_rerun_reuses_the_loaded_pipeline_and_reports_progress(tiny_dir: Path, c
 class RecordingCache:
     """Stands in for the pipeline cache: keeps the request and returns a blank video of its size."""
 
-    def get(self, spec, request):
+    def get(self, spec):
+        return self
+
+    def generate(self, request, callback=None):
         self.request = request
-        return lambda req, on_step: (torch.zeros(1, 3, req.frames, *req.size), RunStats())
+        return Video(torch.zeros(request.frames, *request.size, 3, dtype=torch.uint8), 24, RunStats())
 
 
 def test_image_batches_map_to_leading_and_trailing_frames(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,8 +160,9 @@ def test_library_validation_errors_surface(monkeypatch: pytest.MonkeyPatch) -> N
 def test_conversions_round_trip() -> None:
     image = gradient_image(20, 10)
     assert np.array_equal(np.asarray(images_to_pil(comfy_images(image)[0], "start_image")[0]), np.asarray(image))
-    video = torch.rand(1, 3, 8, 10, 20)
-    assert torch.equal(video_to_images(video)[3], video[0, :, 3].permute(1, 2, 0))
+    frames = torch.randint(0, 256, (8, 10, 20, 3), dtype=torch.uint8)
+    images = video_to_images(frames)
+    assert images.dtype == torch.float32 and torch.equal(images[3], frames[3].float() / 255)
 
 
 def test_models_and_loras_come_from_comfyui_folders(tiny_dir: Path, comfy) -> None:

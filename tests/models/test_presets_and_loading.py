@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ruyi_trt.models import CheckpointError, CLIPImageEncoder, RuyiTransformer3D, RuyiVAE
+from ruyi_trt.models.checkpoint import Checkpoint, download_checkpoint
 from ruyi_trt.models.checkpoint_io import load_weights, read_config
 from ruyi_trt.models.presets import full_random_transformer, tiny_transformer, write_tiny_checkpoint
-from ruyi_trt.runtime.model_source import resolve_model
 
 
 def test_tiny_checkpoint_has_the_real_layout(tiny_dir: Path) -> None:
@@ -21,7 +21,7 @@ def test_tiny_checkpoint_has_the_real_layout(tiny_dir: Path) -> None:
                  "image_encoder/config.json", "image_encoder/preprocessor_config.json",
                  "scheduler/scheduler_config.json", "embeddings.safetensors", "model_index.json"):
         assert (tiny_dir / part).is_file(), part
-    assert resolve_model("tiny") == tiny_dir
+    assert Checkpoint.resolve("tiny").folder == tiny_dir
 
 
 def test_tiny_round_trip_loads_identical_weights(tiny_dir: Path) -> None:
@@ -66,7 +66,7 @@ def test_missing_folder_and_config(broken_copy: Path) -> None:
         RuyiVAE.from_pretrained(broken_copy / "vae")
     with pytest.raises(CheckpointError, match="missing vae"):
         shutil.rmtree(broken_copy / "vae")
-        resolve_model(broken_copy)
+        Checkpoint.resolve(broken_copy)
 
 
 def test_truncated_safetensors(broken_copy: Path) -> None:
@@ -95,12 +95,10 @@ def test_offline_download_says_how_to_fetch_manually(tmp_path: Path, monkeypatch
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from ruyi_trt.runtime import model_source
-
     def offline(**kwargs):
         raise LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="huggingface-cli download IamCreateAI/Ruyi-Mini-7B"):
-        model_source.download_checkpoint(tmp_path / "Ruyi-Mini-7B")
+        download_checkpoint(tmp_path / "Ruyi-Mini-7B")
     assert not (tmp_path / "Ruyi-Mini-7B").exists()

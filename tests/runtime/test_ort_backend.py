@@ -18,7 +18,8 @@ pytest.importorskip("onnx_graphsurgeon")
 
 from ruyi_trt.models.vae import RuyiVAE
 from ruyi_trt.runtime.backends.ort_backend import ort_components
-from ruyi_trt.runtime.loading import RuntimeOptions, load_pipeline
+from ruyi_trt.runtime.loading import RuntimeOptions
+from ruyi_trt.runtime.pipeline import load_pipeline
 from ruyi_trt.runtime.request import VideoRequest
 from ruyi_trt.testing import assert_close_scaled, gradient_image
 
@@ -36,8 +37,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_pipeline_ort_matches_torch(tiny_dir: Path) -> None:
     """Same request on both backends: same shape, PSNR >= 40 dB (fp32; measured about 118 dB)."""
     request = VideoRequest(start_images=[gradient_image(144, 96)], frames=16, size=(64, 96), steps=2, seed=3)
-    reference, _ = load_pipeline(tiny_dir)(request, progress=False)
-    video, stats = load_pipeline(tiny_dir, RuntimeOptions(backend="ort"))(request, progress=False)
+    reference, _ = load_pipeline(tiny_dir).run(request, progress=False)
+    video, stats = load_pipeline(tiny_dir, RuntimeOptions(backend="ort")).run(request, progress=False)
     assert video.shape == reference.shape == (1, 3, 16, 64, 96)
     assert psnr(video, reference) >= 40.0
     assert set(stats.seconds) >= {"vae_encode", "image_encoder", "denoise", "vae_decode"}

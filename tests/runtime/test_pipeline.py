@@ -14,8 +14,9 @@ from ruyi_trt.models.control_embeddings import load_control_embeddings
 from ruyi_trt.models.scheduler import load_scheduler, timesteps_for
 from ruyi_trt.models.transformer import RuyiTransformer3D, TransformerConfig
 from ruyi_trt.runtime.backends.torch_backend import TorchBackend
-from ruyi_trt.runtime.loading import RuntimeOptions, load_pipeline
-from ruyi_trt.runtime.pipeline import denoise_step, guided_velocity, transformer_conditioning
+from ruyi_trt.runtime.denoising import denoise_step, guided_velocity, transformer_conditioning
+from ruyi_trt.runtime.loading import RuntimeOptions
+from ruyi_trt.runtime.pipeline import load_pipeline
 from ruyi_trt.runtime.request import SCHEDULER_NAMES, VideoRequest
 from ruyi_trt.testing import assert_close_scaled, gradient_image
 
@@ -51,7 +52,7 @@ class RecordingDenoiser:
 
 
 def test_video_shape_and_range(pipeline) -> None:
-    video, stats = pipeline(small_request(), progress=False)
+    video, stats = pipeline.run(small_request(), progress=False)
     assert video.shape == (1, 3, 16, *SMALL)
     assert video.dtype == torch.float32 and 0 <= video.min() and video.max() <= 1
     assert torch.isfinite(video).all()
@@ -67,14 +68,14 @@ def test_on_step_is_called_after_each_step_and_may_stop_the_run(pipeline) -> Non
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pipeline(small_request(steps=3), progress=False, on_step=on_step)
+        pipeline.run(small_request(steps=3), progress=False, on_step=on_step)
     assert calls == [(1, 3), (2, 3)]
 
 
 def test_same_seed_same_video_other_seed_differs(pipeline) -> None:
-    a, _ = pipeline(small_request(seed=7), progress=False)
-    b, _ = pipeline(small_request(seed=7), progress=False)
-    c, _ = pipeline(small_request(seed=8), progress=False)
+    a, _ = pipeline.run(small_request(seed=7), progress=False)
+    b, _ = pipeline.run(small_request(seed=7), progress=False)
+    c, _ = pipeline.run(small_request(seed=8), progress=False)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -83,7 +84,7 @@ def test_start_and_end_images_are_the_known_frames(pipeline) -> None:
     recorder = RecordingDenoiser(pipeline.components.denoiser)
     pipeline.components.denoiser = recorder
     try:
-        video, _ = pipeline(small_request(end_images=[gradient_image(120, 90, phase=2.0)], steps=1), progress=False)
+        video, _ = pipeline.run(small_request(end_images=[gradient_image(120, 90, phase=2.0)], steps=1), progress=False)
     finally:
         pipeline.components.denoiser = recorder.inner
     assert video.shape[2] == 16
@@ -110,7 +111,7 @@ def test_pipeline_feeds_selected_embeddings_in_cfg_order(pipeline, tiny_dir: Pat
     recorder = RecordingDenoiser(pipeline.components.denoiser)
     pipeline.components.denoiser = recorder
     try:
-        pipeline(small_request(camera="left", motion=3, steps=1), progress=False)
+        pipeline.run(small_request(camera="left", motion=3, steps=1), progress=False)
     finally:
         pipeline.components.denoiser = recorder.inner
     stored = load_file(str(tiny_dir / "embeddings.safetensors"))
@@ -123,7 +124,7 @@ def test_pipeline_feeds_selected_embeddings_in_cfg_order(pipeline, tiny_dir: Pat
 def test_every_scheduler_runs(pipeline, scheduler: str) -> None:
     # 4 steps: PNDM needs >= 4 (its warm-up); with 2, diffusers' Euler A takes the sqrt of a rounding-negative
     # number (NaN), as the reference would
-    video, _ = pipeline(small_request(scheduler=scheduler, steps=4, frames=8), progress=False)
+    video, _ = pipeline.run(small_request(scheduler=scheduler, steps=4, frames=8), progress=False)
     assert video.shape == (1, 3, 8, *SMALL) and torch.isfinite(video).all()
 
 
@@ -131,7 +132,7 @@ def test_clip_branch_only_in_the_last_steps(pipeline) -> None:
     recorder = RecordingDenoiser(pipeline.components.denoiser)
     pipeline.components.denoiser = recorder
     try:
-        pipeline(small_request(steps=5, frames=8), progress=False)
+        pipeline.run(small_request(steps=5, frames=8), progress=False)
     finally:
         pipeline.components.denoiser = recorder.inner
     masks = [call["clip_attention_mask"] for call in recorder.calls]
@@ -144,7 +145,7 @@ def test_guidance_off_runs_a_single_batch(pipeline) -> None:
     recorder = RecordingDenoiser(pipeline.components.denoiser)
     pipeline.components.denoiser = recorder
     try:
-        pipeline(small_request(guidance_scale=1.0, steps=1, frames=8), progress=False)
+        pipeline.run(small_request(guidance_scale=1.0, steps=1, frames=8), progress=False)
     finally:
         pipeline.components.denoiser = recorder.inner
     assert recorder.calls[0]["hidden_states"].shape[0] == 1
@@ -206,27 +207,27 @@ def test_denoise_step_golden(golden_dir: Path) -> None:
 
 
 def test_memory_modes_and_fp8_run_on_cpu(tiny_dir: Path) -> None:
-    reference, _ = load_pipeline(tiny_dir)(small_request(frames=8, steps=2), progress=False)
-    low, _ = load_pipeline(tiny_dir, RuntimeOptions(memory_mode="low_gpu", offload_steps=1))(
+    reference, _ = load_pipeline(tiny_dir).run(small_request(frames=8, steps=2), progress=False)
+    low, _ = load_pipeline(tiny_dir, RuntimeOptions(memory_mode="low_gpu", offload_steps=1)).run(
         small_request(frames=8, steps=2), progress=False
     )
     assert torch.equal(reference, low)
-    fp8, _ = load_pipeline(tiny_dir, RuntimeOptions(fp8="strong"))(small_request(frames=8, steps=2), progress=False)
+    fp8, _ = load_pipeline(tiny_dir, RuntimeOptions(fp8="strong")).run(small_request(frames=8, steps=2), progress=False)
     assert fp8.shape == reference.shape and torch.isfinite(fp8).all()
     assert not torch.equal(fp8, reference)
 
 
 def test_teacache_skips_steps(tiny_dir: Path) -> None:
     pipe = load_pipeline(tiny_dir, RuntimeOptions(teacache_threshold=1.0))
-    video, _ = pipe(small_request(frames=8, steps=8), progress=False)
+    video, _ = pipe.run(small_request(frames=8, steps=8), progress=False)
     assert torch.isfinite(video).all()
     assert pipe.components.denoiser.skipped_calls > 0
 
 
 def test_enhance_a_video_changes_the_video(tiny_dir: Path) -> None:
     request = small_request(frames=16, steps=2)
-    off, _ = load_pipeline(tiny_dir)(request, progress=False)
-    on, _ = load_pipeline(tiny_dir, RuntimeOptions(enhance_a_video=1.0))(request, progress=False)
+    off, _ = load_pipeline(tiny_dir).run(request, progress=False)
+    on, _ = load_pipeline(tiny_dir, RuntimeOptions(enhance_a_video=1.0)).run(request, progress=False)
     assert on.shape == off.shape and torch.isfinite(on).all()
     assert not torch.equal(on, off)
 
