@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 import time
 import traceback
@@ -117,11 +116,8 @@ def check_tensorrt(path: Path, spec, inputs: dict, expected: torch.Tensor) -> di
 
 def run(out_dir: Path, cpu: bool) -> dict[str, Any]:
     """Every check, the graphs and the engine in a temporary folder; the report in `out_dir`."""
-    work = Path(tempfile.mkdtemp(prefix="engine_check."))
-    try:
-        return _run(out_dir, work, cpu)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="engine_check.", ignore_cleanup_errors=True) as work:
+        return _run(out_dir, Path(work), cpu)
 
 
 def _run(out_dir: Path, work: Path, cpu: bool) -> dict[str, Any]:
