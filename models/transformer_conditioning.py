@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .transformer_blocks import FP32LayerNorm
+from .transformer_blocks import FP32LayerNorm, attention_scale
 
 SINUSOID_DIM = 256  # width of the timestep and image-size sinusoids
 META_VALUES = 6  # image_meta_size: original h, w, target h, w, crop top, left
@@ -54,16 +54,18 @@ class AttentionPool(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.c_proj = nn.Linear(dim, out_dim)
-        self.heads = heads
+        self.heads, self.head_dim = heads, dim // heads
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, L, C] -> [B, out_dim]."""
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+L, C)
         x = x + self.positional_embedding[None].to(x.dtype)
-        q = self.q_proj(x[:, :1]).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, 1, C/h)
-        k = self.k_proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, 1+L, C/h)
-        v = self.v_proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(1)  # (B, C)
+        heads = (self.heads, self.head_dim)
+        q = self.q_proj(x[:, :1]).unflatten(-1, heads).transpose(1, 2)  # (B, h, 1, C/h)
+        k = self.k_proj(x).unflatten(-1, heads).transpose(1, 2)  # (B, h, 1+L, C/h)
+        v = self.v_proj(x).unflatten(-1, heads).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v, scale=attention_scale(self.head_dim))  # (B, h, 1, C/h)
+        pooled = pooled.transpose(1, 2).flatten(1)  # (B, C)
         return self.c_proj(pooled)
 
 
@@ -108,7 +110,7 @@ class ResamplerAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim = heads, dim // heads
         self.in_proj_weight = nn.Parameter(torch.randn(3 * dim, dim) / dim**0.5)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
@@ -117,10 +119,12 @@ class ResamplerAttention(nn.Module):
         """query [B, Q, E], key/value [B, L, E] -> [B, Q, E]."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, Q, E/h)
-        k = F.linear(key, w_k, b_k).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, E/h)
-        v = F.linear(value, w_v, b_v).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, Q, E)
+        heads = (self.heads, self.head_dim)
+        q = F.linear(query, w_q, b_q).unflatten(-1, heads).transpose(1, 2)  # (B, h, Q, E/h)
+        k = F.linear(key, w_k, b_k).unflatten(-1, heads).transpose(1, 2)  # (B, h, L, E/h)
+        v = F.linear(value, w_v, b_v).unflatten(-1, heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attention_scale(self.head_dim))
+        out = out.transpose(1, 2).flatten(2)  # (B, Q, E)
         return self.out_proj(out)
 
 
