@@ -281,34 +281,39 @@ def bench(model, backends, resolution, size, frames, stages, block_tokens, steps
 
 
 @main.command()
-@click.option("--model", default=None, help="Checkpoint folder or 'tiny'. Omit it with --check to only check the graphs already in --out.")
+@click.option("--model", default=None, help="Checkpoint folder, 'tiny' or 'full-random' (the real architecture, random weights). Omit it with --check to only check the graphs already in --out.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the .onnx graphs and manifest.json.")
 @click.option("--component", default="all", show_default=True, type=click.Choice(["all", "transformer", "vae-encoder", "vae-decoder", "image-encoder"]))
 @click.option("--per-block", is_flag=True, help="Transformer as embed, plain-block, skip-block and unembed graphs (block weights are inputs) instead of one graph.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (17..20).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]), help="Weights and activations; norms and softmax stay float32.")
-@click.option("--exporter", default="torchscript", show_default=True, type=click.Choice(["torchscript", "dynamo"]))
+@click.option("--exporter", default="auto", show_default=True, type=click.Choice(["auto", "torchscript", "dynamo"]), help="auto: torchscript, and dynamo for bf16.")
+@click.option("--attention", default="decomposed", show_default=True, type=click.Choice(["decomposed", "onnx"]), help="onnx: each attention as one ONNX Attention node (opset 23, TensorRT >= 10.14); decomposed: MatMul-Softmax-MatMul.")
 @click.option("--check", is_flag=True, help="Check every graph in --out for TensorRT readiness; exit 1 on problems.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def export(model, out_dir, component, per_block, opset, dtype, exporter, check, no_progress) -> None:
+def export(model, out_dir, component, per_block, opset, dtype, exporter, attention, check, no_progress) -> None:
     """Export the model to ONNX graphs (cached: unchanged components are skipped)."""
-    from .export.onnx_export import COMPONENTS, ExportSettings, export_checkpoint
+    import time
+
+    from .export.onnx_export import COMPONENTS, ExportSettings, export_checkpoint, peak_host_rss_bytes
     from .export.readiness import check_export_dir
     from .models.checkpoint import Checkpoint
     from .models.checkpoint_io import CheckpointError
 
     if model is None and not check:
-        raise click.UsageError("pass --model PATH|tiny (or --check alone to check the graphs in --out)")
+        raise click.UsageError("pass --model PATH|tiny|full-random (or --check alone to check the graphs in --out)")
     try:
         if model is not None:
-            settings = ExportSettings(dtype=dtype, opset=opset, per_block=per_block, exporter=exporter)
+            settings = ExportSettings(dtype=dtype, opset=opset, per_block=per_block, exporter=exporter, attention=attention)
             components = COMPONENTS if component == "all" else (component,)
+            started = time.perf_counter()
             result = export_checkpoint(Checkpoint.resolve(model, download=False), out_dir, settings, components,
                                        progress=not no_progress)
             for name, entry in result.manifest["components"].items():
                 state = "exported" if name in result.exported else "cached"
                 graphs = ", ".join(f"{g} {v['bytes'] / 1e6:.1f} MB" for g, v in entry["graphs"].items())
                 click.echo(f"{name}: {state} in {entry['seconds']:.1f} s: {graphs}")
+            click.echo(f"export: {time.perf_counter() - started:.1f} s, peak host RSS {peak_host_rss_bytes() / 2**30:.2f} GiB")
         problems = check_export_dir(out_dir) if check else {}
     except (ValueError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -321,38 +326,45 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, check, 
 
 
 @main.command()
-@click.option("--model", default="tiny", show_default=True, help="Checkpoint folder or 'tiny'.")
+@click.option("--model", default="tiny", show_default=True, help="Checkpoint folder, 'tiny' or 'full-random' (the real architecture, random weights).")
 @click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp8"]), help="Taken from the exported graph's dtypes (strongly typed networks); fp8 needs calibrated Q/DQ graphs.")
 @click.option("--resolution", default="512", show_default=True, help="Comma list: 512 / 768 (every aspect bucket of that base) or HEIGHTxWIDTH.")
 @click.option("--frames", default="24:24:24", show_default=True, help="Video frames MIN:OPT:MAX (multiples of 8, up to 120).")
 @click.option("--batch", default=2, show_default=True, type=click.Choice(["1", "2"]), help="Largest transformer batch: 2 for classifier-free guidance.")
-@click.option("--per-block", is_flag=True, help="Transformer as embed / block / unembed engines with the block weights as inputs.")
+@click.option("--per-block/--whole", "per_block", default=None, help="Transformer as embed / block / unembed engines with the block weights as inputs, or one whole-model engine (default: per-block above 4 GiB of transformer weights, i.e. the full model).")
+@click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "onnx", "decomposed"]), help="auto: ONNX Attention nodes when the TensorRT used parses them (>= 10.14), else MatMul-Softmax-MatMul.")
 @click.option("--weight-streaming", is_flag=True, help="Build with WEIGHT_STREAMING (run within the memory plan's budget).")
 @click.option("--refit", is_flag=True, help="Build with REFIT (a LoRA is applied by refit, without a rebuild).")
 @click.option("--timing-cache", default=None, type=click.Path(dir_okay=False), help="Timing cache file to load and update.")
 @click.option("--workspace", "workspace_gb", default=None, type=float, help="Workspace pool limit in GiB (default: TensorRT's).")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Engine folder root (default: the cache, <cache>/engines).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Engine folder root (default: the cache, <cache>/engines); build-plan.json goes there.")
+@click.option("--dry-run", is_flag=True, help="Export, plan and check every engine (shape inference at each profile's max) and write build-plan.json, without TensorRT or a GPU.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-def build(model, precision, resolution, frames, batch, per_block, weight_streaming, refit, timing_cache, workspace_gb,
-          out, no_progress) -> None:
-    """Export (or reuse) the ONNX graphs and build one cached TensorRT engine per graph."""
+def build(model, precision, resolution, frames, batch, per_block, attention, weight_streaming, refit, timing_cache,
+          workspace_gb, out, dry_run, no_progress) -> None:
+    """Export (or reuse) the ONNX graphs, plan the engines and build one cached TensorRT engine per graph and size group."""
+    import time
     from pathlib import Path
 
     from .engine.build import build_engines
     from .engine.settings import BuildSettings
+    from .export.onnx_export import peak_host_rss_bytes
     from .models.checkpoint_io import CheckpointError
 
+    started = time.perf_counter()
     try:
         settings = BuildSettings.from_strings(
             model, precision, resolution, frames, batch=int(batch), per_block=per_block, weight_streaming=weight_streaming,
             refit=refit, timing_cache=Path(timing_cache) if timing_cache else None, workspace_gb=workspace_gb,
-            out=Path(out) if out else None,
+            out=Path(out) if out else None, attention=attention,
         )  # fmt: skip
-        result = build_engines(settings, progress=not no_progress)
+        result = build_engines(settings, progress=not no_progress, dry_run=dry_run)
     except (ValueError, ImportError, RuntimeError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from exc
     for graph, folder in result.engines.items():
         click.echo(f"{graph}: {'built' if graph in result.built else 'cached'} {folder}")
+    seconds, rss = time.perf_counter() - started, peak_host_rss_bytes() / 2**30
+    click.echo(f"{'planned' if dry_run else 'build plan'}: {result.plan} ({seconds:.1f} s, peak host RSS {rss:.2f} GiB)")
 
 
 def _parse_lora(text: str, default_strength: float) -> tuple[str, float]:

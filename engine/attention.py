@@ -1,4 +1,4 @@
-"""Does an exported graph carry the attention pattern TensorRT fuses? Checked on the ONNX file, before building.
+"""Does attention fuse in TensorRT? Checked on the ONNX file before building, and in the engine after it.
 
 TensorRT turns `MatMul(Q, K^T) -> [mask Add/Where] -> Softmax -> MatMul(., V)` into one fused
 multi-head-attention kernel (no N x N tensor in memory), provided the softmax scale is applied to Q or K
@@ -8,10 +8,17 @@ exactly that from `F.scaled_dot_product_attention`: the scale is a Mul on Q/K, a
 graphs the softmax sits between Casts to float32 and back (export/graph_passes.py). The build log
 records, per graph, how many attention patterns were found and of which form, so a graph that will
 not fuse (scale after BMM1, or a Softmax not fed by a MatMul) is visible before any profiling.
+
+After a build, `check_fused_attention` asks TensorRT's engine inspector for every layer's tensors at the
+profile's opt shapes and refuses the engine when some layer writes an attention's [B, H, Sq, Skv] score
+matrix (`unfused_attention`, a pure function of the inspector JSON): ONNX `Attention` nodes and decomposed
+cores alike must have become one fused kernel.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -94,3 +101,57 @@ def describe(counts: dict[str, Any]) -> str:
     if counts["no_bmm"]:
         text += f"; {counts['no_bmm']} not between two MatMuls"
     return text
+
+
+# -- after the build: did every attention become one fused layer? ----------------------------------------------
+def unfused_attention(engine_info: dict[str, Any], scores: dict[str, tuple[int, ...]]) -> list[str]:
+    """The attention nodes of `scores` ({node: (B, H, Sq, Skv)}) whose score matrix some engine layer writes.
+
+    `engine_info` is TensorRT's engine inspector JSON at concrete shapes (ProfilingVerbosity.DETAILED). A fused
+    attention kernel never materializes its [B, H, Sq, Skv] scores; an unfused one writes them, maybe
+    reshaped to [B*H, Sq, Skv], so a layer output with those last two dims and that element count is one.
+    """
+    layers = engine_info.get("Layers", [])
+    if any(not isinstance(layer, dict) for layer in layers):
+        raise ValueError("the engine inspector gave layer names only: the engine was built without "
+                         "ProfilingVerbosity.DETAILED; rebuild it with this ruyi-trt.")  # fmt: skip
+    written = [tuple(t.get("Dimensions", ())) for layer in layers for t in layer.get("Outputs", [])]
+    unfused = []
+    for name, shape in scores.items():
+        elements = math.prod(shape)
+        if any(len(dims) >= 2 and dims[-2:] == shape[-2:] and math.prod(dims) == elements for dims in written):
+            unfused.append(name)
+    return unfused
+
+
+def check_fused_attention(plan: bytes, onnx_path: Path, profile: dict, engine_name: str) -> int:
+    """Deserialize a freshly built plan, inspect its layers at the profile's opt shapes and raise EngineBuildError
+    when an attention did not become one fused layer; returns the number of attention nodes checked."""
+    from ..export.graph_stats import attention_score_shapes
+    from .builder import EngineBuildError
+    from .trt_api import process_logger, require_tensorrt
+
+    opt = {name: shape for name, (_, shape, _) in profile.items()}
+    scores = attention_score_shapes(onnx_path, opt)
+    if not scores:
+        return 0
+    trt = require_tensorrt("the fused-attention check")
+    logger = process_logger(trt)
+    with logger.capture(f"{engine_name} (inspector)"):
+        runtime = trt.Runtime(logger.logger)
+        engine = runtime.deserialize_cuda_engine(plan)
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)  # nothing runs
+        for name, shape in opt.items():
+            context.set_input_shape(name, shape)
+        inspector = engine.create_engine_inspector()
+        inspector.execution_context = context
+        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    unfused = unfused_attention(info, scores)
+    if unfused:
+        raise EngineBuildError(
+            f"{engine_name}: {len(unfused)} of {len(scores)} attention nodes did not become one fused layer in the "
+            f"TensorRT engine (their score matrices are written to memory: {unfused[:4]}); at full size that is "
+            "hundreds of GB. Export attention as ONNX Attention (--attention onnx, TensorRT >= 10.14.1) or report "
+            "this TensorRT version. The plan was not cached."
+        )
+    return len(scores)

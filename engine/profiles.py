@@ -7,6 +7,15 @@ The request sizes (`VideoShape`s) go through each graph's `ExportSpec.profile`, 
 latent/token units and pins the chunk dims of the VAE graphs to their temporal mini-batch bounds
 (1..mini_batch_encoder video frames per encoder call, 1..mini_batch_decoder latents per decoder call).
 
+Profiles only cover real work. TensorRT sizes its tactics and (by default) its scratch memory for a
+profile's max, and takes each dim's range on its own, so one profile over buckets 384x1536 and 1536x384
+would reach 1536x1536: four times the tokens of any real bucket. `size_groups` therefore splits the sizes,
+per graph, into groups whose largest member is at least as large as every other member in every
+size-dependent dim of that graph; each group gets its own engine, whose max is that real size. Graphs
+whose shapes name no height or width (the per-block transformer graphs take [B, T, S, D] tokens, the CLIP
+encoder a fixed crop) need one group for all sizes; the VAE and embed/unembed graphs need one per
+dominating bucket.
+
 Which batch sizes each component sees: the transformer runs at batch 2 under classifier-free guidance
 and 1 without it (or with the memory plan's cfg_split), so its profile spans 1..`batch`; the VAE and
 the CLIP encoder always run at batch 1.
@@ -14,6 +23,7 @@ the CLIP encoder always run at batch 1.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,23 +116,71 @@ def opt_size(entries: Sequence[str]) -> tuple[int, int]:
     return resolution_sizes((first,))[0]
 
 
+def component_batches(component: str, batch: int) -> list[int]:
+    """The call batches a component's engines must take."""
+    return sorted({1, batch}) if component == "transformer" else [1]
+
+
 def component_shapes(component: str, entries: Sequence[str], frames: FrameRange, batch: int) -> tuple[list[VideoShape], VideoShape]:
     """(every request size the component's engines must take, the size to optimize for)."""
-    batches = sorted({1, batch}) if component == "transformer" else [1]
+    batches = component_batches(component, batch)
     sizes = resolution_sizes(entries)
     shapes = [VideoShape(b, f, h, w) for b in batches for f in sorted({frames.min, frames.opt, frames.max}) for h, w in sizes]
     height, width = opt_size(entries)
     return shapes, VideoShape(max(batches), frames.opt, height, width)
 
 
-def graph_profile(spec: ExportSpec, component: str, entries: Sequence[str], frames: FrameRange, batch: int) -> Profile:
-    """{input name: (min, opt, max)} for one exported graph."""
-    shapes, opt = component_shapes(component, entries, frames, batch)
-    return spec.profile(shapes, opt)
+@dataclass(frozen=True)
+class SizeGroup:
+    """The sizes one engine of a graph serves; `sizes[0]` is at least as large as the others in every
+    size-dependent dim of the graph, so the profile's max is a real size."""
+
+    sizes: tuple[tuple[int, int], ...]
+
+    @property
+    def label(self) -> str:
+        height, width = self.sizes[0]
+        return f"{height}x{width}"
+
+
+def size_groups(spec: ExportSpec, component: str, entries: Sequence[str], frames: FrameRange, batch: int) -> list[SizeGroup]:
+    """The requested sizes split into groups with a dominating member, largest first (see the module docstring)."""
+    sizes = resolution_sizes(entries)
+    top = max(component_batches(component, batch))
+    names = spec.size_dims
+    extent = {size: tuple(spec.dims_for(VideoShape(top, frames.max, *size))[n] for n in names) for size in sizes}
+    opt = opt_size(entries)
+    groups: list[list[tuple[int, int]]] = []
+    for size in sorted(sizes, key=lambda s: (-math.prod(extent[s]), s != opt)):  # then the request order
+        home = next((g for g in groups if all(a >= b for a, b in zip(extent[g[0]], extent[size]))), None)
+        if home is None:
+            groups.append([size])
+        else:
+            home.append(size)
+    return [SizeGroup(tuple(group)) for group in groups]
+
+
+def group_profile(spec: ExportSpec, component: str, group: SizeGroup, entries: Sequence[str], frames: FrameRange,
+                  batch: int) -> Profile:  # fmt: skip
+    """{input name: (min, opt, max)} of one engine: the group's sizes x frames x batches. TensorRT tunes for the
+    build's opt size when the group has it, else for the group's largest size."""
+    batches = component_batches(component, batch)
+    counts = sorted({frames.min, frames.opt, frames.max})
+    shapes = [VideoShape(b, f, h, w) for b in batches for f in counts for h, w in group.sizes]
+    opt = opt_size(entries)
+    height, width = opt if opt in group.sizes else group.sizes[0]
+    return spec.profile(shapes, VideoShape(max(batches), frames.opt, height, width))
+
+
+def graph_profiles(spec: ExportSpec, component: str, entries: Sequence[str], frames: FrameRange,
+                   batch: int) -> list[tuple[SizeGroup, Profile]]:  # fmt: skip
+    """(group, profile) of every engine one exported graph needs."""
+    return [(group, group_profile(spec, component, group, entries, frames, batch))
+            for group in size_groups(spec, component, entries, frames, batch)]  # fmt: skip
 
 
 def graph_specs(checkpoint: Checkpoint | str | Path, precision: str) -> dict[str, ExportSpec]:
-    """Every exportable graph's spec for a checkpoint (or the folder it names), from its configs alone."""
+    """Every exportable graph's spec for a checkpoint (or what Checkpoint.resolve takes), from its configs alone."""
     checkpoint = Checkpoint.resolve(checkpoint, download=False)
     dtype = EXPORT_DTYPES[precision]
     transformer, vae = checkpoint.transformer, checkpoint.vae

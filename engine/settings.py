@@ -2,6 +2,15 @@
 
 The same dataclass drives the CLI, the library call (`engine.build.build_engines`) and the refusal
 messages of a run (`command()` prints the exact `ruyi-trt build ...` that makes the missing engines).
+
+Two choices default to "auto" and are resolved per build (`resolved`):
+- per_block: None builds per-block transformer engines (embed, plain block, skip block, unembed; block
+  weights bound at run time) when the transformer's weights exceed WHOLE_ENGINE_MAX_BYTES, else one
+  whole-model engine. At full size (14.4 GB in fp16) per-block is the default: a whole engine per size
+  group would carry every weight (17 groups at --resolution 768), its build needs them all on the
+  GPU, while two block engines serve all 40 blocks and every aspect bucket.
+- attention: "auto" exports attention as ONNX `Attention` nodes when the targeted TensorRT parses them
+  (>= 10.14), else decomposed (export/onnx_export.py).
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ from .profiles import FrameRange, parse_frames, parse_resolutions, resolution_si
 
 PRECISIONS = ("fp16", "bf16", "fp8")
 BATCHES = (1, 2)
+ATTENTION_CHOICES = ("auto", "onnx", "decomposed")
+ONNX_ATTENTION_MIN_TENSORRT = (10, 14)  # the first TensorRT whose ONNX parser maps Attention to IAttention
+WHOLE_ENGINE_MAX_BYTES = 4 * 2**30  # transformer weights above this build per-block by default
 
 
 @dataclass(frozen=True)
@@ -26,12 +38,13 @@ class BuildSettings:
     resolutions: tuple[str, ...] = ("512",)
     frames: FrameRange = FrameRange(24, 24, 24)  # noqa: RUF009 - frozen, so sharing the default is safe
     batch: int = 2
-    per_block: bool = False
+    per_block: bool | None = None  # None: per-block above WHOLE_ENGINE_MAX_BYTES of transformer weights
     weight_streaming: bool = False
     refit: bool = False
     timing_cache: Path | None = None
     workspace_gb: float | None = None
     out: Path | None = None  # engine folder root; default cache_root()/engines
+    attention: str = "auto"
 
     @classmethod
     def from_strings(cls, model: str, precision: str, resolution: str, frames: str, **kwargs) -> BuildSettings:
@@ -50,6 +63,8 @@ class BuildSettings:
                 "--precision fp8: FP8 engines need calibrated graphs with explicit Q/DQ nodes (the calib/ stage), "
                 "which is not built yet; use --precision fp16 or bf16 (or the torch backend's --fp8 weight storage)."
             )
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"--attention: {self.attention!r} is not supported; use one of {ATTENTION_CHOICES}.")
         if self.batch not in BATCHES:
             raise ValueError(f"--batch: {self.batch} is not supported; use 1 (no CFG / cfg_split) or 2 (CFG).")
         if self.workspace_gb is not None and self.workspace_gb <= 0:
@@ -59,9 +74,21 @@ class BuildSettings:
         resolution_sizes(self.resolutions)
         parse_frames(str(self.frames))
 
+    def resolved(self, transformer_weight_bytes: int, tensorrt_version: tuple[int, ...]) -> BuildSettings:
+        """These settings with per_block and attention decided for a model of that weight size and a target
+        TensorRT version (see the module docstring)."""
+        per_block = self.per_block if self.per_block is not None else transformer_weight_bytes > WHOLE_ENGINE_MAX_BYTES
+        attention = self.attention
+        if attention == "auto":
+            attention = "onnx" if tensorrt_version >= ONNX_ATTENTION_MIN_TENSORRT else "decomposed"
+        return replace(self, per_block=per_block, attention=attention)
+
     def export_settings(self) -> ExportSettings:
-        """The ONNX export these engines are built from (the graph's dtypes carry the precision)."""
-        return ExportSettings(dtype=self.precision, per_block=self.per_block)
+        """The ONNX export these engines are built from (the graph's dtypes carry the precision); call it on
+        `resolved` settings."""
+        if self.per_block is None or self.attention == "auto":
+            raise ValueError("export_settings needs resolved settings (BuildSettings.resolved).")
+        return ExportSettings(dtype=self.precision, per_block=self.per_block, attention=self.attention)
 
     def widened(self, height: int, width: int, frames: int, batch: int) -> BuildSettings:
         """These settings grown to also cover one request size (for 'rebuild with ...' messages)."""
@@ -76,9 +103,12 @@ class BuildSettings:
         """The exact `ruyi-trt build ...` command line for these settings."""
         parts = ["ruyi-trt", "build", "--model", self.model, "--precision", self.precision,
                  "--resolution", ",".join(self.resolutions), "--frames", str(self.frames), "--batch", str(self.batch)]  # fmt: skip
-        for flag, on in (("--per-block", self.per_block), ("--weight-streaming", self.weight_streaming), ("--refit", self.refit)):
+        for flag, on in (("--per-block", self.per_block is True), ("--whole", self.per_block is False),
+                         ("--weight-streaming", self.weight_streaming), ("--refit", self.refit)):  # fmt: skip
             if on:
                 parts.append(flag)
+        if self.attention != "auto":
+            parts += ["--attention", self.attention]
         if self.timing_cache is not None:
             parts += ["--timing-cache", str(self.timing_cache)]
         if self.workspace_gb is not None:
@@ -94,6 +124,7 @@ class BuildSettings:
             "weight_streaming": self.weight_streaming, "refit": self.refit,
             "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
             "workspace_gb": self.workspace_gb, "out": None if self.out is None else str(self.out),
+            "attention": self.attention,
         }  # fmt: skip
 
     @classmethod
@@ -104,5 +135,6 @@ class BuildSettings:
             weight_streaming=data["weight_streaming"], refit=data["refit"],
             timing_cache=None if data["timing_cache"] is None else Path(data["timing_cache"]),
             workspace_gb=data["workspace_gb"], out=None if data["out"] is None else Path(data["out"]),
+            attention=data.get("attention", "auto"),
         )  # fmt: skip
 

@@ -14,7 +14,10 @@ their precision from the ONNX graph's dtypes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -23,7 +26,7 @@ from ..deps import require
 
 log = logging.getLogger(__name__)
 
-MIN_VERSION = (10, 8)  # IProgressMonitor, weight_streaming_budget_v2, STRONGLY_TYPED + WEIGHT_STREAMING, REFIT_IDENTICAL
+MIN_VERSION = (10, 8)  # IProgressMonitor, weight_streaming_budget_v2, update_device_memory_size_for_shapes, STRONGLY_TYPED + WEIGHT_STREAMING
 
 # kind of object (the variable name that holds it) -> members read on it
 TRT_API: dict[str, tuple[str, ...]] = {
@@ -31,8 +34,9 @@ TRT_API: dict[str, tuple[str, ...]] = {
         "__version__", "Builder", "BuilderFlag", "REFIT", "WEIGHT_STREAMING", "DataType", "BF16", "BOOL", "FLOAT",
         "HALF", "INT32", "INT64", "INT8", "UINT8", "FP8", "ILogger", "Severity", "ERROR", "INTERNAL_ERROR", "WARNING",
         "INFO", "VERBOSE", "__init__", "IProgressMonitor", "MemoryPoolType", "WORKSPACE", "NetworkDefinitionCreationFlag",
-        "STRONGLY_TYPED", "OnnxParser", "Refitter", "Runtime", "TensorIOMode", "INPUT", "TensorLocation", "DEVICE",
-        "Weights",
+        "STRONGLY_TYPED", "OnnxParser", "Refitter", "Runtime", "TensorIOMode", "INPUT", "TensorLocation", "HOST",
+        "Weights", "ProfilingVerbosity", "DETAILED", "ExecutionContextAllocationStrategy", "USER_MANAGED",
+        "LayerInformationFormat", "JSON",
     ),
     "builder": ("create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network"),
     "network": ("num_inputs", "get_input", "num_layers"),
@@ -40,7 +44,7 @@ TRT_API: dict[str, tuple[str, ...]] = {
     "parser": ("parse_from_file", "num_errors", "get_error"),
     "builder_config": (
         "set_memory_pool_limit", "set_flag", "create_timing_cache", "set_timing_cache", "get_timing_cache",
-        "add_optimization_profile", "progress_monitor",
+        "add_optimization_profile", "progress_monitor", "profiling_verbosity",
     ),
     "opt_profile": ("set_shape",),
     "timing_cache": ("serialize",),
@@ -49,9 +53,13 @@ TRT_API: dict[str, tuple[str, ...]] = {
     "engine": (
         "num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype", "get_tensor_profile_shape",
         "num_optimization_profiles", "streamable_weights_size", "weight_streaming_budget_v2", "device_memory_size_v2",
-        "create_execution_context",
+        "create_execution_context", "create_engine_inspector",
     ),
-    "context": ("set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"),
+    "context": (
+        "set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3",
+        "update_device_memory_size_for_shapes", "set_device_memory",
+    ),
+    "inspector": ("execution_context", "get_engine_information"),
     "refitter": ("get_all_weights", "set_named_weights", "get_missing_weights", "refit_cuda_engine"),
     # methods our Python subclasses of trt.ILogger / trt.IProgressMonitor override
     "override": ("log", "phase_start", "step_complete", "phase_finish"),
@@ -101,27 +109,64 @@ def trt_dtype(trt: ModuleType, dtype: torch.dtype) -> object:
     raise ValueError(f"torch dtype {dtype} has no TensorRT equivalent.")
 
 
-def make_logger(trt: ModuleType, messages: list[str] | None = None, verbose: bool = False) -> object:
-    """A trt.ILogger that forwards to Python logging and keeps every message (for build logs and errors)."""
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING, trt.ILogger.Severity.INFO: logging.INFO,
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
-    }  # fmt: skip
+class _ProcessLogger:
+    """The one trt.ILogger of this process, which records messages into the captures open at the time.
 
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages = messages if messages is not None else []
+    TensorRT keeps the first logger it is given (by the first Builder or Runtime) for the whole process
+    and ignores later ones, so a logger per engine would leave every engine but the first without its
+    messages. Here every Builder, Runtime, OnnxParser and Refitter gets this logger, and each task opens
+    `capture(label)`: the messages logged while it is open go to its list (TensorRT may log from its own
+    threads, so captures are process-wide, not per thread), and to Python logging with the label.
+    """
 
-        def log(self, level, message):  # called by TensorRT, possibly from its threads
-            python_level = levels.get(level, logging.INFO)
-            if python_level == logging.DEBUG and not verbose:
-                return
-            self.messages.append(f"[{logging.getLevelName(python_level)}] {message}")
-            log.log(python_level if python_level >= logging.WARNING else logging.DEBUG, "TensorRT: %s", message)
+    def __init__(self, trt: ModuleType) -> None:
+        levels = {
+            trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.Severity.ERROR: logging.ERROR,
+            trt.ILogger.Severity.WARNING: logging.WARNING, trt.ILogger.Severity.INFO: logging.INFO,
+            trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+        }  # fmt: skip
+        captures: list[tuple[str, list[str], bool]] = []
+        lock = threading.Lock()
+        self.captures, self.lock = captures, lock
 
-    return _Logger()
+        class _Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, level, message):  # called by TensorRT, possibly from its threads
+                python_level = levels.get(level, logging.INFO)
+                with lock:
+                    open_now = list(captures)
+                label = open_now[-1][0] if open_now else "tensorrt"
+                for _, messages, verbose in open_now:
+                    if python_level > logging.DEBUG or verbose:
+                        messages.append(f"[{logging.getLevelName(python_level)}] {message}")
+                log.log(python_level if python_level >= logging.WARNING else logging.DEBUG, "TensorRT (%s): %s",
+                        label, message)  # fmt: skip
+
+        self.logger = _Logger()
+
+    @contextlib.contextmanager
+    def capture(self, label: str, verbose: bool = False) -> Iterator[list[str]]:
+        """Collect TensorRT's messages under `label` while the block runs (VERBOSE ones only with `verbose`)."""
+        entry: tuple[str, list[str], bool] = (label, [], verbose)
+        with self.lock:
+            self.captures.append(entry)
+        try:
+            yield entry[1]
+        finally:
+            with self.lock:
+                self.captures.remove(entry)
+
+
+_LOGGERS: dict[int, _ProcessLogger] = {}
+
+
+def process_logger(trt: ModuleType) -> _ProcessLogger:
+    """The process-wide TensorRT logger (see `_ProcessLogger`); pass `.logger` to TensorRT."""
+    if id(trt) not in _LOGGERS:
+        _LOGGERS[id(trt)] = _ProcessLogger(trt)
+    return _LOGGERS[id(trt)]
 
 
 def errors_of(messages: list[str]) -> list[str]:

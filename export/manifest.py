@@ -5,15 +5,18 @@ Schema (version 1):
       "schema": 1,
       "components": {
         "<component>": {                       # transformer | vae-encoder | vae-decoder | image-encoder
-          "checkpoint_hash": "sha256:...",     # the component's config + weights (Checkpoint.weights_hash)
-          "settings": {"dtype": "fp16", "opset": 18, "exporter": "torchscript", "per_block": false},
+          "checkpoint_hash": "sha256:...",     # the component's config + weights (Checkpoint.weights_hash), or
+                                               # full-random's preset, recipe, seed and configs (export/source.py)
+          "settings": {"dtype": "fp16", "opset": 18, "exporter": "torchscript", "per_block": false,
+                       "attention": "onnx"},   # the exporter actually used ("auto" resolved per component)
           "versions": {"torch": ..., "onnx": ..., "onnx_graphsurgeon": ..., "ruyi_trt": ...},
-          "seconds": 12.3,
+          "seconds": 12.3, "peak_host_rss_bytes": 4032488000,  # the export's wall time, the process's peak RSS
           "graphs": {
             "<graph>": {                       # e.g. transformer, transformer_block_skip, vae_decoder
               "file": "<graph>.onnx", "data_file": "<graph>.onnx.data" | null, "bytes": 123 (both files),
               "sha256": {"<graph>.onnx": "...", "<graph>.onnx.data": "..."},
-              "opset": 18, "fp32_nodes": 40,   # nodes upcast to float32 in fp16/bf16 graphs
+              "opset": 23, "fp32_nodes": 40,   # nodes upcast to float32 in fp16/bf16 graphs
+              "attention": {"onnx": 14, "decomposed": 0},   # ONNX Attention nodes / MatMul-Softmax-MatMul cores
               "inputs": [{"name": ..., "shape": [..., "batch", 16], "dtype": "float16"}], "outputs": [...],
               "dynamic_axes": {...}, "trace_dims": {...}, "dim_bounds": {...}   # ExportSpec.to_dict()
             }
@@ -35,19 +38,18 @@ from typing import Any
 
 from ..files import atomic_write, file_digest
 from ..models.checkpoint import Checkpoint
+from .source import ModelSource, model_source
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = 1
-# component -> the checkpoint part whose config and weights it is made from
-COMPONENT_PARTS = {"transformer": "transformer", "vae-encoder": "vae", "vae-decoder": "vae",
-                   "image-encoder": "image_encoder"}  # fmt: skip
 
 
-def component_hash(checkpoint: Checkpoint, component: str) -> str:
-    """The hash of the checkpoint files `component` is made from (`Checkpoint.weights_hash`)."""
-    return checkpoint.weights_hash(COMPONENT_PARTS[component])
+def component_hash(checkpoint: Checkpoint | ModelSource, component: str) -> str:
+    """The hash of what `component` is made from: the checkpoint files (`Checkpoint.weights_hash`), or for
+    full-random its recipe and configs (export/source.py)."""
+    return model_source(checkpoint).component_hash(component)
 
 
 def tool_versions(exporter: str) -> dict[str, str]:

@@ -1,14 +1,15 @@
-"""Export a Ruyi checkpoint's components to ONNX graphs, cached by content, written atomically.
+"""Export a Ruyi model's components to ONNX graphs, cached by content, written atomically.
 
-`export_checkpoint(checkpoint, out_dir, settings)` writes `out_dir/<graph>.onnx` (plus one
-`<graph>.onnx.data` for graphs over 2 GB) and `out_dir/manifest.json` (schema in export/manifest.py).
-Per component it: hashes the checkpoint files, skips the component when the manifest already lists it
-with the same hash and settings and its files are intact (size and sha256), otherwise loads the model, traces
-every graph of the component into a temporary folder next to `out_dir`, runs the clean-up passes
+`export_checkpoint(checkpoint, out_dir, settings)` writes `out_dir/<graph>.onnx` (plus one `<graph>.onnx.data`
+for graphs over 2 GB) and `out_dir/manifest.json` (schema in export/manifest.py). The checkpoint is a
+`Checkpoint`, what `Checkpoint.resolve` takes (a folder, `tiny`, `full-random`), or a ModelSource
+(export/source.py). Per component it: hashes the source, skips the component when the manifest already lists it
+with the same hash and settings and its files are intact (size and sha256), otherwise loads what the graphs
+need, traces every graph of the component into a temporary folder next to `out_dir`, runs the clean-up passes
 (export/graph_passes.py), checks each graph with onnx.checker, and only then fsyncs the files, moves them into
-`out_dir` and records them. A failure (Ctrl-C included) leaves neither half-written graphs nor a manifest entry.
-A lock (files.file_lock) serializes processes exporting into the same `out_dir`: the second one waits, then
-reuses what the first exported.
+`out_dir` and records them (with the export time and the process's peak host RSS). A failure (Ctrl-C included)
+leaves neither half-written graphs nor a manifest entry. A lock (files.file_lock) serializes processes exporting
+into the same `out_dir`: the second one waits, then reuses what the first exported.
 
 Graphs per component (specs in export/specs.py, wrappers in export/wrappers.py):
     transformer     transformer, or with per_block: transformer_embed, transformer_block_plain,
@@ -16,11 +17,16 @@ Graphs per component (specs in export/specs.py, wrappers in export/wrappers.py):
     vae-encoder     vae_encoder
     vae-decoder     vae_decoder, vae_decoder_one_frame
     image-encoder   image_encoder
+The transformer is always traced as its four stage graphs (block weights are graph inputs, so tracing reads
+only the embed/unembed weights); the whole-model graph is stitched from them with the block weights
+streamed into its .onnx.data file (export/stitch.py). At full size neither form holds the 14.4 GB of fp16
+transformer weights in memory.
 
-Exporters: "torchscript" (torch.onnx's tracing exporter, the default: a few seconds per graph; a Python
-branch takes the path of the traced sizes, which the specs choose) or "dynamo" (torch.export based, about
-5-10x slower here; dynamic dims are exported with Dim.AUTO and renamed to the spec's names; needed for
-bf16, where the tracing exporter fails on bfloat16 constants).
+Exporters: "torchscript" (torch.onnx's tracing exporter: a few seconds per graph; a Python branch takes the
+path of the traced sizes, which the specs choose) or "dynamo" (torch.export based, about 3-10x slower here;
+dynamic dims are exported with Dim.AUTO and renamed to the spec's names). "auto" (the default) picks
+torchscript, and dynamo for bf16, where the tracing exporter fails on the bfloat16 constant of an explicit
+attention scale.
 """
 
 from __future__ import annotations
@@ -41,42 +47,60 @@ from ..deps import require
 from ..files import explained_write_errors, file_digest, file_lock, publish, scratch_folder
 from ..models.checkpoint import Checkpoint
 from . import graph_passes, manifest
+from .source import ModelSource, model_source
 from .specs import EXPORT_DTYPES, TORCH_DTYPES, ExportSpec
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("transformer", "vae-encoder", "vae-decoder", "image-encoder")
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("auto", "torchscript", "dynamo")
+ATTENTION_FORMS = ("decomposed", "onnx")
 DEFAULT_OPSET = 18
 MAX_PROTO_BYTES = 2**31 - 2**26  # above this, weights go to one external .onnx.data file (protobuf's 2 GB limit)
 
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """How to export: weight/activation dtype, ONNX opset, per-block transformer graphs, and the exporter."""
+    """How to export: weight/activation dtype, ONNX opset, per-block transformer graphs, the exporter and the
+    attention form.
+
+    exporter "auto" takes torchscript where it works and dynamo where it does not (bf16: the tracing
+    exporter fails on a bfloat16 attention scale constant). attention "onnx" turns every attention core into one ONNX `Attention` node (the graph's opset
+    becomes 23; TensorRT >= 10.14 parses it into its fused IAttention layer, ONNX Runtime runs it too);
+    "decomposed" keeps MatMul -> Softmax -> MatMul (for older TensorRT, which fuses that pattern itself).
+    """
 
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (norms and softmax still run in float32)
-    opset: int = DEFAULT_OPSET
+    opset: int = DEFAULT_OPSET  # the exporter's opset; attention "onnx" raises the saved graph's to 23
     per_block: bool = False
-    exporter: str = "torchscript"
+    exporter: str = "auto"
+    attention: str = "decomposed"
 
     def validate(self) -> None:
         if self.dtype not in EXPORT_DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {tuple(EXPORT_DTYPES)}.")
         if self.exporter not in EXPORTERS:
             raise ValueError(f"exporter: {self.exporter!r} is not supported; use one of {EXPORTERS}.")
-        if self.dtype == "bf16" and self.exporter != "dynamo":
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention: {self.attention!r} is not supported; use one of {ATTENTION_FORMS}.")
+        if self.dtype == "bf16" and self.exporter == "torchscript":
             raise ValueError(
-                "dtype: bf16 needs exporter dynamo (--exporter dynamo); the torchscript exporter fails on "
-                "bfloat16 constants in the VAE and CLIP graphs."
+                "dtype: bf16 needs exporter auto or dynamo (--exporter auto); the torchscript exporter fails on "
+                "the bfloat16 constant of an explicit attention scale."
             )
         if not 17 <= self.opset <= 20:
             raise ValueError(f"opset: {self.opset} is not supported; use 17..20 (LayerNormalization needs 17, "
-                             "TensorRT 10's parser stops at 20).")  # fmt: skip
+                             "the torchscript exporter stops at 20; --attention onnx raises graphs to 23).")  # fmt: skip
+
+    def exporter_for(self, component: str) -> str:
+        """The exporter that traces `component`'s graphs."""
+        if self.exporter != "auto":
+            return self.exporter
+        return "dynamo" if self.dtype == "bf16" else "torchscript"
 
     def for_component(self, component: str) -> dict:
         """The settings that shape `component`'s graphs (what its manifest entry records)."""
-        settings = asdict(self)
+        settings = {**asdict(self), "exporter": self.exporter_for(component)}
         if component != "transformer":
             settings.pop("per_block")
         return settings
@@ -93,28 +117,28 @@ class ExportResult:
 
 
 def export_checkpoint(
-    checkpoint: Checkpoint | str | Path,
+    checkpoint: Checkpoint | str | Path | ModelSource,
     out_dir: str | Path,
     settings: ExportSettings = ExportSettings(),
     components: Sequence[str] = COMPONENTS,
     progress: bool = True,
     reset_damaged: bool = False,
 ) -> ExportResult:
-    """Export `components` of `checkpoint` (or the checkpoint folder it names) into `out_dir` (see the module
-    docstring). A damaged manifest.json is an error, or with `reset_damaged` (the artifact cache) is replaced
-    by exporting everything again."""
+    """Export `components` of `checkpoint` (a Checkpoint, what Checkpoint.resolve takes, or a ModelSource) into
+    `out_dir` (see the module docstring). A damaged manifest.json is an error, or with `reset_damaged` (the
+    artifact cache) is replaced by exporting everything again."""
     settings.validate()
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise ValueError(f"components: {unknown or '[]'} not supported; choose from {COMPONENTS}.")
     require("onnx", "ONNX export")
-    checkpoint, out_dir = Checkpoint.resolve(checkpoint, download=False), Path(out_dir)
-    hashes = {c: manifest.component_hash(checkpoint, c) for c in components}  # fails early on missing files
+    source, out_dir = model_source(checkpoint), Path(out_dir)
+    hashes = {c: source.component_hash(c) for c in components}  # fails early on missing files
     with file_lock(out_dir):
-        return _export_locked(checkpoint, out_dir, settings, components, hashes, progress, reset_damaged)
+        return _export_locked(source, out_dir, settings, components, hashes, progress, reset_damaged)
 
 
-def _export_locked(checkpoint: Checkpoint, out_dir: Path, settings: ExportSettings, components: Sequence[str],
+def _export_locked(source: ModelSource, out_dir: Path, settings: ExportSettings, components: Sequence[str],
                    hashes: dict[str, str], progress: bool, reset_damaged: bool) -> ExportResult:  # fmt: skip
     try:
         data = manifest.read_manifest(out_dir)
@@ -131,13 +155,14 @@ def _export_locked(checkpoint: Checkpoint, out_dir: Path, settings: ExportSettin
             result.reused.append(component)
             continue
         started = time.perf_counter()
-        graphs = _export_component(checkpoint, out_dir, component, settings, progress)
+        graphs = _export_component(source, out_dir, component, settings, progress)
         previous = data["components"].get(component, {}).get("graphs", {})
         data["components"][component] = {
             "checkpoint_hash": hashes[component],
             "settings": wanted,
-            "versions": manifest.tool_versions(settings.exporter),
+            "versions": manifest.tool_versions(settings.exporter_for(component)),
             "seconds": round(time.perf_counter() - started, 2),
+            "peak_host_rss_bytes": peak_host_rss_bytes(),
             "graphs": graphs,
         }
         manifest.write_manifest(out_dir, data)
@@ -146,8 +171,8 @@ def _export_locked(checkpoint: Checkpoint, out_dir: Path, settings: ExportSettin
     return result
 
 
-def ensure_exported(checkpoint: Checkpoint | str | Path, settings: ExportSettings, components: Sequence[str] = COMPONENTS,
-                    progress: bool = True) -> Path:  # fmt: skip
+def ensure_exported(checkpoint: Checkpoint | str | Path | ModelSource, settings: ExportSettings,
+                    components: Sequence[str] = COMPONENTS, progress: bool = True) -> Path:  # fmt: skip
     """The artifact-cache folder `cache_root()/onnx/<key>` holding current graphs, exporting what is missing.
 
     The key hashes the components' checkpoint hashes and the settings, so each checkpoint and dtype has its own folder.
@@ -155,36 +180,42 @@ def ensure_exported(checkpoint: Checkpoint | str | Path, settings: ExportSetting
     from ..models.presets import cache_root
 
     settings.validate()
-    checkpoint = Checkpoint.resolve(checkpoint, download=False)
+    source = model_source(checkpoint)
     key = hashlib.sha256()
     for component in components:
-        key.update(f"{component}={manifest.component_hash(checkpoint, component)};".encode())
+        key.update(f"{component}={source.component_hash(component)};".encode())
     key.update(repr(sorted(asdict(settings).items())).encode())
     out_dir = cache_root() / "onnx" / key.hexdigest()[:16]
-    export_checkpoint(checkpoint, out_dir, settings, components, progress, reset_damaged=True)
+    export_checkpoint(source, out_dir, settings, components, progress, reset_damaged=True)
     return out_dir
 
 
+def peak_host_rss_bytes() -> int:
+    """This process's peak resident set size so far (getrusage; KiB on Linux)."""
+    import resource
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def component_graphs(
-    checkpoint: Checkpoint, component: str, settings: ExportSettings
+    checkpoint: Checkpoint | str | Path | ModelSource, component: str, settings: ExportSettings
 ) -> list[tuple[ExportSpec, torch.nn.Module]]:
-    """(spec, export wrapper) for every graph of `component`, with the weights loaded in the export dtype."""
+    """(spec, export wrapper) for every graph traced for `component`, with the weights loaded in the export dtype.
+
+    The transformer is always traced as its four stage graphs (the whole-model graph is stitched from them);
+    the block graphs take their weights as inputs, so only the embed/unembed weights are read."""
     from . import specs, wrappers
 
+    source = model_source(checkpoint)
     dtype_name = EXPORT_DTYPES[settings.dtype]
     dtype = TORCH_DTYPES[dtype_name]
     if component == "transformer":
-        model = checkpoint.load_transformer(dtype)
-        clip_tokens = checkpoint.clip_geometry[1]
-        if not settings.per_block:
-            return [
-                (
-                    specs.transformer_spec(model.config, checkpoint.vae, dtype_name, clip_tokens),
-                    wrappers.TransformerGraph(model),
-                )
-            ]
-        embed, plain, skip, unembed = specs.transformer_stage_specs(model.config, checkpoint.vae, dtype_name, clip_tokens)
-        block = lambda has_skip: model.blocks[specs.example_block_index(model.config, has_skip)]
+        config = source.transformer_config()
+        model = source.transformer(dtype, keys=lambda key: not key.startswith("blocks."))
+        stages = specs.transformer_stage_specs(config, source.vae_config(), dtype_name, source.clip_geometry()[1])
+        embed, plain, skip, unembed = stages
+        block = lambda has_skip: model.blocks[specs.example_block_index(config, has_skip)]  # on the meta device
         return [
             (embed, wrappers.TransformerEmbedGraph(model)),
             (plain, wrappers.TransformerBlockGraph(block(False))),
@@ -192,33 +223,88 @@ def component_graphs(
             (unembed, wrappers.TransformerUnembedGraph(model)),
         ]
     if component in ("vae-encoder", "vae-decoder"):
-        vae = checkpoint.load_vae(dtype)
+        vae = source.vae(dtype)
         if component == "vae-encoder":
             return [(specs.vae_encoder_spec(vae.config, dtype_name), wrappers.VAEEncoderGraph(vae))]
         chunk, one_frame = specs.vae_decoder_specs(vae.config, dtype_name)
         return [(chunk, wrappers.VAEDecoderGraph(vae)), (one_frame, wrappers.VAEDecoderOneFrameGraph(vae))]
-    encoder = checkpoint.load_image_encoder(dtype)
+    encoder = source.image_encoder(dtype)
     spec = specs.image_encoder_spec(encoder.image_size, encoder.num_tokens, encoder.hidden_size, dtype_name)
     return [(spec, wrappers.ImageEncoderGraph(encoder))]
 
 
-def _export_component(checkpoint: Checkpoint, out_dir: Path, component: str, settings: ExportSettings,
+def reference_graph(checkpoint: Checkpoint | str | Path | ModelSource, graph: str,
+                    settings: ExportSettings = ExportSettings()) -> tuple[ExportSpec, torch.nn.Module]:  # fmt: skip
+    """(spec, PyTorch module with exactly the graph's inputs) of any exported graph, the whole transformer
+    included: what parity tests compare the ONNX graphs and TensorRT engines with."""
+    from . import specs, wrappers
+
+    source = model_source(checkpoint)
+    if graph == "transformer":
+        dtype_name = EXPORT_DTYPES[settings.dtype]
+        config, clip_tokens = source.transformer_config(), source.clip_geometry()[1]
+        spec = specs.transformer_spec(config, source.vae_config(), dtype_name, clip_tokens)
+        return spec, wrappers.TransformerGraph(source.transformer(TORCH_DTYPES[dtype_name]))
+    for component in COMPONENTS:
+        for spec, module in component_graphs(source, component, settings):
+            if spec.name == graph:
+                return spec, module
+    raise ValueError(f"graph: {graph!r} is not an exported graph.")
+
+
+def _export_component(source: ModelSource, out_dir: Path, component: str, settings: ExportSettings,
                       progress: bool) -> dict:  # fmt: skip
     """Export every graph of `component` into a temp folder, then fsync the files and move them into `out_dir`."""
     with scratch_folder(out_dir, component) as tmp:
-        graphs = component_graphs(checkpoint, component, settings)
+        graphs = component_graphs(source, component, settings)
         entries = {}
+        exporter = settings.exporter_for(component)
         for spec, module in tqdm(graphs, desc=f"export {component}", unit="graph", disable=not progress):
             started = time.perf_counter()
-            entries[spec.name] = export_graph(module, spec, tmp, settings)
+            entries[spec.name] = export_graph(module, spec, tmp, settings, exporter)
             log.info("%s: exported %s in %.1f s (%.2f MB)", component, spec.name, time.perf_counter() - started,
                      entries[spec.name]["bytes"] / 1e6)  # fmt: skip
+        del graphs  # the embed/unembed weights; the whole graph's are streamed
+        if component == "transformer" and not settings.per_block:
+            entries = {"transformer": _stitch_whole(source, tmp, entries, settings, progress)}
         with explained_write_errors(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
             for entry in entries.values():
                 for name in filter(None, (entry["data_file"], entry["file"])):
                     publish(tmp / name, out_dir / name)
         return entries
+
+
+def _stitch_whole(source: ModelSource, folder: Path, stages: dict, settings: ExportSettings, progress: bool) -> dict:
+    """The whole-transformer graph from the stage graphs in `folder` (export/stitch.py); its manifest entry."""
+    from . import specs
+    from .stitch import stitch_transformer
+
+    onnx = require("onnx", "ONNX export")
+    config, dtype_name = source.transformer_config(), EXPORT_DTYPES[settings.dtype]
+    spec = specs.transformer_spec(config, source.vae_config(), dtype_name, source.clip_geometry()[1])
+    path = folder / f"{spec.name}.onnx"
+    started = time.perf_counter()
+    data = stitch_transformer({name: folder / entry["file"] for name, entry in stages.items()}, spec, config,
+                              source.transformer_tensor, path, progress)  # fmt: skip
+    onnx.checker.check_model(str(path))
+    copies = {"transformer_block_skip": len(config.skip_sources)}
+    copies["transformer_block_plain"] = config.num_layers - copies["transformer_block_skip"]
+
+    def total(field: str, form: str | None = None) -> int:  # over the stage graphs, a block graph once per copy
+        return sum((e[field][form] if form else e[field]) * copies.get(name, 1) for name, e in stages.items())
+
+    attention = {form: total("attention", form) for form in ATTENTION_FORMS}
+    log.info("transformer: stitched in %.1f s", time.perf_counter() - started)
+    return {
+        "file": path.name,
+        "data_file": data.name,
+        **_file_fields([path, data]),
+        "opset": max(entry["opset"] for entry in stages.values()),
+        "fp32_nodes": total("fp32_nodes"),
+        "attention": attention,
+        **spec.to_dict(),
+    }
 
 
 def _remove_stale(out_dir: Path, previous: dict, current: dict) -> None:
@@ -230,19 +316,24 @@ def _remove_stale(out_dir: Path, previous: dict, current: dict) -> None:
                 (out_dir / name).unlink(missing_ok=True)
 
 
-def export_graph(module: torch.nn.Module, spec: ExportSpec, folder: Path, settings: ExportSettings) -> dict:
-    """Trace `module` at `spec.trace_dims`, clean the graph and save `folder/<spec.name>.onnx`.
+def export_graph(module: torch.nn.Module, spec: ExportSpec, folder: Path, settings: ExportSettings,
+                 exporter: str = "torchscript") -> dict:  # fmt: skip
+    """Trace `module` at `spec.trace_dims` with `exporter`, clean the graph and save `folder/<spec.name>.onnx`.
 
     Returns the graph's manifest entry."""
     onnx = require("onnx", "ONNX export")
     module = module.eval()
     inputs = spec.sample_inputs()
     with torch.no_grad():
-        if settings.exporter == "dynamo":
+        if exporter == "dynamo":
             model = _export_dynamo(module, spec, inputs, settings.opset)
         else:
             model = _export_torchscript(module, spec, inputs, settings.opset, folder)
     model = graph_passes.fold_and_clean(model)
+    if settings.attention == "onnx":
+        model, _, left = graph_passes.fuse_attention(model, softmax_in_float32=settings.dtype != "fp32")
+        if left:
+            log.warning("%s: %d attention patterns stay decomposed (non-constant scale or shared tensors)", spec.name, left)
     fp32_nodes = 0
     if settings.dtype != "fp32":
         model, fp32_nodes = graph_passes.upcast_to_fp32(model)
@@ -253,16 +344,20 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, folder: Path, settin
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=data_file, size_threshold=1024)  # fmt: skip
     onnx.checker.check_model(str(path))
-    files = [path] + ([folder / data_file] if data_file else [])
     return {
         "file": path.name,
         "data_file": data_file,
-        "bytes": sum(f.stat().st_size for f in files),
-        "sha256": {f.name: file_digest(f) for f in files},
-        "opset": settings.opset,
+        **_file_fields([path] + ([folder / data_file] if data_file else [])),
+        "opset": graph_passes.default_opset(model),
         "fp32_nodes": fp32_nodes,
+        "attention": graph_passes.attention_counts(model),
         **spec.to_dict(),
     }
+
+
+def _file_fields(files: list[Path]) -> dict:
+    """A graph entry's `bytes` (all its files) and `sha256` (per file), what `manifest.entry_is_current` checks."""
+    return {"bytes": sum(f.stat().st_size for f in files), "sha256": {f.name: file_digest(f) for f in files}}
 
 
 def _export_torchscript(module, spec: ExportSpec, inputs: dict, opset: int, folder: Path):

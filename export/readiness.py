@@ -6,8 +6,10 @@
 - a double, complex or string tensor (graph value, initializer, Cast target or constant);
 - a data-dependent value (NonZero, NonMaxSuppression, Unique output) reaching a shape input
   (Reshape shape, Expand/Tile/Slice/Range/Pad/Resize/TopK/ConstantOfShape size arguments);
-- a default-domain opset outside the range the parser supports.
-Local functions are inlined first, so their nodes are checked too.
+- a default-domain opset outside the range the parser supports;
+- an `Attention` node outside the parser's restrictions (not 4-D, KV-cache inputs or outputs, softcap).
+Local functions are inlined first, so their nodes are checked too. `minimum_tensorrt(model)` is the
+oldest TensorRT whose parser knows every operator of a graph (e.g. 10.14 for `Attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..deps import require
+from .graph_passes import inferred
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ SHAPE_INPUTS = {
 class Problem:
     """One reason TensorRT would reject the graph."""
 
-    kind: str  # unsupported_op | custom_domain | dtype | data_dependent_shape | opset
+    kind: str  # unsupported_op | custom_domain | dtype | data_dependent_shape | opset | attention
     node: str  # the node's name ("" for graph-level problems)
     message: str
 
@@ -91,7 +94,16 @@ def check_model(model) -> list[Problem]:
             )
     problems += _check_dtypes(model, nodes, set(table["rejected_dtypes"]))
     problems += _check_data_dependent_shapes(nodes)
+    problems += _check_attention(model, nodes)
     return problems
+
+
+def minimum_tensorrt(model) -> str | None:
+    """The oldest TensorRT release (e.g. '10.14') whose ONNX parser has every operator of `model`, when one of
+    them is newer than TensorRT 10.0 (None otherwise)."""
+    since = tensorrt_op_table()["since"]
+    versions = {since[node.op_type] for _, node in _walk(model.graph) if node.op_type in since}
+    return max(versions, key=lambda v: tuple(int(p) for p in v.split(".")), default=None)
 
 
 def _walk(graph, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -122,7 +134,7 @@ def _check_dtypes(model, nodes: list[tuple[str, Any]], rejected: set[str]) -> li
     onnx = require("onnx", "the TensorRT readiness check")
     type_name = onnx.TensorProto.DataType.Name
     try:
-        graph = onnx.shape_inference.infer_shapes(model).graph
+        graph = inferred(model).graph
     except onnx.shape_inference.InferenceError as exc:  # e.g. an op of an unregistered domain
         log.warning("shape inference failed (%s); checking declared tensor types only", exc)
         graph = model.graph
@@ -162,6 +174,35 @@ def _check_data_dependent_shapes(nodes: list[tuple[str, Any]]) -> list[Problem]:
             source = name
         if source is not None:
             tainted.update({out: source for out in node.output if out})
+    return problems
+
+
+_ATTENTION_UNSUPPORTED_INPUTS = {4: "past_key", 5: "past_value", 6: "nonpad_kv_seqlen"}
+_ATTENTION_UNSUPPORTED_ATTRIBUTES = ("qk_matmul_output_mode", "softcap")
+
+
+def _check_attention(model, nodes: list[tuple[str, Any]]) -> list[Problem]:
+    """TensorRT's restrictions on ONNX Attention: 4-D Q/K/V/mask, no KV cache, no softcap or qk output mode."""
+    attention = [(name, node) for name, node in nodes if node.op_type == "Attention"]
+    if not attention:
+        return []
+    graph = inferred(model).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(graph.input) + list(graph.value_info)
+             if v.type.tensor_type.HasField("shape")}  # fmt: skip
+    problems = []
+    for name, node in attention:
+        for position, tensor in enumerate(node.input[:4]):
+            if tensor and ranks.get(tensor, 4) != 4:
+                problems.append(Problem("attention", name, f"input {position} ('{tensor}') is {ranks[tensor]}-D; "
+                                                           "TensorRT's Attention needs 4-D Q, K, V and mask"))  # fmt: skip
+        for position, label in _ATTENTION_UNSUPPORTED_INPUTS.items():
+            if position < len(node.input) and node.input[position]:
+                problems.append(Problem("attention", name, f"the {label} input is not supported by TensorRT"))
+        if any(out for out in node.output[1:]):
+            problems.append(Problem("attention", name, "only the first output (Y) is supported by TensorRT"))
+        for attr in node.attribute:
+            if attr.name in _ATTENTION_UNSUPPORTED_ATTRIBUTES:
+                problems.append(Problem("attention", name, f"attribute {attr.name} is not supported by TensorRT"))
     return problems
 
 

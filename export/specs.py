@@ -24,6 +24,7 @@ single latent frame, so one-frame requests need the PyTorch backend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,19 +117,26 @@ class ExportSpec:
     ) -> dict[str, tuple[Shape, Shape, Shape]]:
         """TensorRT optimization profile: {input: (min, opt, max)} covering every request size in `shapes`.
 
-        min/max come from the smallest/largest batch, frames, height and width over `shapes` (so derived dims
-        such as tokens_per_frame stay consistent), `opt` defaults to the largest request, and chunk-level dims
-        take their fixed bounds.
+        Each named dim ranges from its smallest to its largest value over the sizes' dims (so derived dims
+        such as tokens_per_frame take real values, not the product of two other sizes' extremes), `opt`
+        defaults to the largest request, and chunk-level dims take their fixed bounds. Whether the max is
+        itself a real size is up to the caller's grouping (engine/profiles.py).
         """
         if not shapes:
             raise ValueError("profile: pass at least one VideoShape")
-        fields = [f.name for f in dataclasses.fields(VideoShape)]
-        low = self.dims_for(VideoShape(*(min(getattr(s, f) for s in shapes) for f in fields)))
-        high = self.dims_for(VideoShape(*(max(getattr(s, f) for s in shapes) for f in fields)))
+        dims = [self.dims_for(shape) for shape in shapes]
+        low = {name: min(d[name] for d in dims) for name in dims[0]}
+        high = {name: max(d[name] for d in dims) for name in dims[0]}
         opt_dims = self.dims_for(opt or max(shapes, key=lambda s: s.batch * s.frames * s.height * s.width))
         for name, (lo, hi) in self.dim_bounds.items():
             low[name], high[name] = lo, hi
         return {t.name: (t.resolve(low), t.resolve(opt_dims), t.resolve(high)) for t in self.inputs}
+
+    @property
+    def size_dims(self) -> list[str]:
+        """The named dims of the inputs that follow the request size (chunk-level dims excluded)."""
+        names = [d for t in self.inputs for d in t.shape if isinstance(d, str) and d not in self.dim_bounds]
+        return list(dict.fromkeys(names))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored in manifest.json."""
@@ -216,10 +224,13 @@ def transformer_stage_specs(cfg: TransformerConfig, vae: VAEConfig, dtype: str, 
     """embed, block_plain, block_skip and unembed: the per-block graphs (see export/wrappers.py).
 
     Block graphs take the block's weights as inputs named by the block's state-dict keys (`attn1.to_q.weight`),
-    so one graph per block type serves every block index. `tokens` tensors are [B, T, hp, wp, D].
+    so one graph per block type serves every block index. embed's `tokens` output and unembed's input are
+    [B, T, hp, wp, D]; the block graphs take and give [B, T, S, D] (S = hp*wp, a free reshape), so their
+    shapes never name a height or a width and one optimization profile covers every aspect bucket.
     """
     whole = transformer_spec(cfg, vae, dtype, clip_tokens)
     tokens = ("batch", "latent_frames", "grid_height", "grid_width", cfg.inner_dim)
+    flat = ("batch", "latent_frames", "tokens_per_frame", cfg.inner_dim)
     text = TensorSpec("text_states", ("batch", cfg.text_tokens, cfg.cross_attention_dim), dtype)
     clip = TensorSpec("clip_states", ("batch", cfg.n_query, cfg.cross_attention_dim), dtype)
     temb = TensorSpec("temb", ("batch", cfg.inner_dim), dtype)
@@ -229,12 +240,12 @@ def transformer_stage_specs(cfg: TransformerConfig, vae: VAEConfig, dtype: str, 
                                  outputs=(TensorSpec("tokens", tokens, dtype), temb, text, clip))]  # fmt: skip
     for name, has_skip in (("transformer_block_plain", False), ("transformer_block_skip", True)):
         block = example_block(cfg, has_skip)
-        data = [TensorSpec("tokens", tokens, dtype), temb, text, clip, *rope]
+        data = [TensorSpec("tokens", flat, dtype), temb, text, clip, *rope]
         if has_skip:
-            data.append(TensorSpec("skip", tokens, dtype))
+            data.append(TensorSpec("skip", flat, dtype))
         weights = [TensorSpec(k, tuple(v.shape), dtype) for k, v in block.state_dict().items()]
         specs.append(dataclasses.replace(whole, name=name, inputs=tuple(data + weights),
-                                         outputs=(TensorSpec("tokens_out", tokens, dtype),)))  # fmt: skip
+                                         outputs=(TensorSpec("tokens_out", flat, dtype),)))  # fmt: skip
     unembed_inputs = (TensorSpec("tokens", tokens, dtype), temb)
     specs.append(dataclasses.replace(whole, name="transformer_unembed", inputs=unembed_inputs))
     return specs
@@ -246,12 +257,16 @@ def example_block_index(cfg: TransformerConfig, has_skip: bool) -> int:
 
 
 def example_block(cfg: TransformerConfig, has_skip: bool) -> torch.nn.Module:
-    """A block of the given type on the meta device (shapes only, no memory)."""
+    """A block of the given type on the meta device (shapes only, no memory; shared: copy it before changing it)."""
+    return _meta_transformer(cfg).blocks[example_block_index(cfg, has_skip)]
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_transformer(cfg: TransformerConfig) -> torch.nn.Module:
     from ..models.transformer import RuyiTransformer3D
 
     with torch.device("meta"):
-        model = RuyiTransformer3D(cfg)
-    return model.blocks[example_block_index(cfg, has_skip)]
+        return RuyiTransformer3D(cfg)
 
 
 # -- VAE --------------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ context and padding mode) and take no part in PyTorch inference, so they live he
 Per-block graphs: one graph per block *type* (plain, long-skip) whose weights are graph inputs named by
 the block's state-dict keys. A streaming runtime feeds `transformer.blocks[i]`'s tensors (or the
 checkpoint's `blocks.{i}.*` entries, prefix removed) to the same graph or engine for every i; nothing
-is refitted. Token tensors between the stage graphs are [B, T, hp, wp, D], so the frame count and the
-patch grid travel in the shapes (every graph uses the same named dims as the whole model).
+is refitted. embed gives tokens as [B, T, hp, wp, D] and unembed takes them so; the block graphs take
+[B, T, S, D] (S = hp*wp tokens per frame), so the frame count travels in the shapes and no block shape
+names a height or width (every graph uses the same named dims as the whole model).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class TransformerEmbedGraph(nn.Module):
 
 class TransformerBlockGraph(nn.Module):
     """One block with its weights as inputs: (tokens, temb, text_states, clip_states, rope_cos, rope_sin,
-    [skip], *weights in `weight_names` order) -> tokens_out [B, T, hp, wp, D].
+    [skip], *weights in `weight_names` order) -> tokens_out; tokens, skip and tokens_out are [B, T, S, D].
 
     A copy of the block has its parameters and buffers turned into plain attributes, which forward sets
     to the weight inputs (torch.func.functional_call cannot run under the TorchScript tracer).
@@ -95,13 +96,13 @@ class TransformerBlockGraph(nn.Module):
         skip, weights = (rest[0], rest[1:]) if self.has_skip else (None, rest)
         for (owner, leaf), weight in zip(self.slots, weights, strict=True):
             setattr(owner, leaf, weight)
-        batch, frames, grid_height, grid_width, dim = tokens.shape
-        x = tokens.reshape(batch, frames * grid_height * grid_width, dim)  # (B, N, D)
+        batch, frames, per_frame, dim = tokens.shape
+        x = tokens.reshape(batch, frames * per_frame, dim)  # (B, N, D)
         if skip is not None:
-            skip = skip.reshape(batch, frames * grid_height * grid_width, dim)
+            skip = skip.reshape(batch, frames * per_frame, dim)
         cos, sin = rope_cos.repeat(frames, 1), rope_sin.repeat(frames, 1)  # per-frame tables tiled: (N, d)
         out = self.block(x, temb, text_states, clip_states, cos, sin, frames, skip)
-        return out.reshape(batch, frames, grid_height, grid_width, dim)
+        return out.reshape(batch, frames, per_frame, dim)
 
 
 class TransformerUnembedGraph(nn.Module):

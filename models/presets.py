@@ -10,6 +10,7 @@ Fixed tables (the temporal sin-cos PE, the Resampler's 2-D sin-cos) keep their c
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,6 +36,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("RUYI_TRT_CACHE", Path.home() / ".cache" / "ruyi-trt"))
 
 
+def random_value(name: str, shape: tuple[int, ...], index: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The float32 value `randomize_` gives the tensor `name` at position `index` of its module's
+    `named_parameters()` + `named_buffers()` list: one tensor alone, e.g. to write a full-size model piece by piece."""
+    gen = torch.Generator(device=device).manual_seed(seed * 100_003 + index)
+    value = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if len(shape) >= 2:
+        value /= math.prod(shape[1:]) ** 0.5
+    elif name.endswith("weight") and "norm" in name:
+        value = 1 + 0.1 * value
+    else:
+        value *= 0.1
+    return value
+
+
 def randomize_(module: nn.Module, seed: int, keep: set[str] = frozenset()) -> nn.Module:
     """Overwrite every floating parameter and buffer of `module`, except the names in `keep`, in place.
 
@@ -45,15 +60,7 @@ def randomize_(module: nn.Module, seed: int, keep: set[str] = frozenset()) -> nn
         for index, (name, tensor) in enumerate(list(module.named_parameters()) + list(module.named_buffers())):
             if name in keep or not tensor.is_floating_point():
                 continue
-            gen = torch.Generator(device=tensor.device).manual_seed(seed * 100_003 + index)
-            value = torch.randn(tensor.shape, generator=gen, device=tensor.device, dtype=torch.float32)
-            if tensor.ndim >= 2:
-                value /= tensor[0].numel() ** 0.5
-            elif name.endswith("weight") and "norm" in name:
-                value = 1 + 0.1 * value
-            else:
-                value *= 0.1
-            tensor.copy_(value.to(tensor.dtype))
+            tensor.copy_(random_value(name, tuple(tensor.shape), index, seed, tensor.device).to(tensor.dtype))
     return module
 
 

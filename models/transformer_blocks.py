@@ -28,8 +28,19 @@ NORM_EPS = 1e-6
 TEMPORAL_PE_LEN = 512  # frames covered by the temporal sin-cos table
 
 # The self-attention core: (q, k, v) [B, H, N, d] after QK-norm and RoPE -> [B, H, N, d], scale d^-0.5, no mask.
-# None means F.scaled_dot_product_attention; a sequence-parallel runner passes one that sees the whole sequence.
+# None means the module's own `attention_fn` (`sdpa`); a sequence-parallel runner passes one that sees the whole sequence.
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def attention_scale(head_dim: int) -> float:
+    """SDPA's default scale 1/sqrt(d), passed explicitly so that exported graphs carry it as a constant
+    (from the tensor's shape it is a Shape -> Sqrt subgraph that hides the attention pattern)."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The default `AttentionFn`: F.scaled_dot_product_attention with its scale given as a constant."""
+    return F.scaled_dot_product_attention(q, k, v, scale=attention_scale(q.shape[-1]))
 
 
 def temporal_table(dim: int, length: int = TEMPORAL_PE_LEN) -> Tensor:
@@ -80,7 +91,7 @@ class Attention(nn.Module):
     """Multi-head attention with per-head LayerNorm on q and k, RoPE, and no mask.
 
     Self-attention rotates q and k; cross-attention (context_dim given) rotates q only.
-    `attention_fn` is the local attention kernel (an `AttentionFn`): SDPA unless a backend plugs in another one
+    `attention_fn` is the local attention kernel (an `AttentionFn`): `sdpa` unless a backend plugs in another one
     (the FP8 attention of kernels/, runtime/backends/fast_compute.py). A per-call `attend` (sequence
     parallelism) takes precedence over it.
     """
@@ -97,7 +108,7 @@ class Attention(nn.Module):
         self.norm_q = LayerNorm(self.head_dim, eps=NORM_EPS)
         self.norm_k = LayerNorm(self.head_dim, eps=NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.attention_fn: AttentionFn = F.scaled_dot_product_attention
+        self.attention_fn: AttentionFn = sdpa
 
     def forward(
         self,

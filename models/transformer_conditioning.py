@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .norms import LayerNorm
+from .transformer_blocks import attention_scale
 
 SINUSOID_DIM = 256  # width of the timestep and image-size sinusoids
 META_VALUES = 6  # image_meta_size: original h, w, target h, w, crop top, left
@@ -63,16 +64,18 @@ class AttentionPool(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.c_proj = nn.Linear(dim, out_dim)
-        self.heads = heads
+        self.heads, self.head_dim = heads, dim // heads
 
     def forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """x [B, L, C] -> [B, out_dim] in `dtype`, the compute dtype."""
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+L, C)
         x = (x + self.positional_embedding[None].to(x.dtype)).to(dtype)
-        q = self.q_proj(x[:, :1]).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, 1, C/h)
-        k = self.k_proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, 1+L, C/h)
-        v = self.v_proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(1)  # (B, C)
+        heads = (self.heads, self.head_dim)
+        q = self.q_proj(x[:, :1]).unflatten(-1, heads).transpose(1, 2)  # (B, h, 1, C/h)
+        k = self.k_proj(x).unflatten(-1, heads).transpose(1, 2)  # (B, h, 1+L, C/h)
+        v = self.v_proj(x).unflatten(-1, heads).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v, scale=attention_scale(self.head_dim))  # (B, h, 1, C/h)
+        pooled = pooled.transpose(1, 2).flatten(1)  # (B, C)
         return self.c_proj(pooled)
 
 
@@ -121,7 +124,7 @@ class ResamplerAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim = heads, dim // heads
         self.in_proj_weight = nn.Parameter(torch.randn(3 * dim, dim) / dim**0.5)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = NonDynamicallyQuantizableLinear(dim, dim)
@@ -131,10 +134,11 @@ class ResamplerAttention(nn.Module):
         dtype = self.in_proj_weight.dtype
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query.to(dtype), w_q, b_q).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, Q, E/h)
-        k = F.linear(key.to(dtype), w_k, b_k).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, E/h)
-        v = F.linear(value.to(dtype), w_v, b_v).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)  # (B, h, Q, L)
+        heads = (self.heads, self.head_dim)
+        q = F.linear(query.to(dtype), w_q, b_q).unflatten(-1, heads).transpose(1, 2)  # (B, h, Q, E/h)
+        k = F.linear(key.to(dtype), w_k, b_k).unflatten(-1, heads).transpose(1, 2)  # (B, h, L, E/h)
+        v = F.linear(value.to(dtype), w_v, b_v).unflatten(-1, heads).transpose(1, 2)
+        scores = (q * attention_scale(self.head_dim)) @ k.transpose(-2, -1)  # (B, h, Q, L)
         weights = scores.float().softmax(dim=-1).to(dtype)
         out = (weights @ v).transpose(1, 2).flatten(2)  # (B, Q, E)
         return self.out_proj(out)

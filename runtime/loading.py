@@ -351,8 +351,7 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
-        budget = plan.trt_weight_streaming_budget_bytes if plan is not None else None
-        return trt_components(checkpoint, options.dtype, budget, False, options.loras)
+        return trt_components(checkpoint, options.dtype, plan, False, options.loras)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     settings = run_settings(options, checkpoint.transformer.num_layers, plan)
     # Models are loaded to the host first whenever something stays there between uses.

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .memory.device_usage import DevicePeak
+
 REFERENCE_PRECISION = "bf16"  # the original runs every model in bf16 (under autocast)
 
 
@@ -17,6 +19,7 @@ class RunStats:
 
     seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
+    driver_peak_bytes: int | None = None  # device memory in use as the driver reports it (TensorRT, ORT included)
     height: int = 0
     width: int = 0
     frames: int = 0
@@ -25,6 +28,8 @@ class RunStats:
     def summary(self) -> str:
         stages = ", ".join(f"{name} {value:.2f}s" for name, value in self.seconds.items())
         memory = f", peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB" if self.peak_memory_bytes else ""
+        if self.driver_peak_bytes:
+            memory += f" (torch allocator), {self.driver_peak_bytes / 2**30:.2f} GiB in use on the device (driver)"
         host = _peak_host_gib()
         host_text = f", peak host RSS {host:.2f} GiB" if host is not None else ""
         precision = ""
@@ -51,9 +56,14 @@ class StageTimer:
         self.stats, self.name, self.device = stats, name, device
 
     def __enter__(self) -> None:
+        self.peak = DevicePeak(self.device)  # the driver's view: TensorRT/ORT memory included
+        self.peak.start()
         self.start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.seconds[self.name] = self.stats.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
+        self.peak.stop()
+        if self.peak.result is not None:
+            self.stats.driver_peak_bytes = max(self.stats.driver_peak_bytes or 0, self.peak.result.driver_peak_bytes)

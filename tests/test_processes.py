@@ -140,13 +140,15 @@ class StandInPlan:
 
 
 def build_once(onnx_dir: str, root: str, seconds: str, log: str) -> dict:
-    """engine.build.build_graph for the tiny image encoder, with a stand-in builder that logs and sleeps."""
+    """engine.build.build_graph for the tiny image encoder, with a stand-in builder that logs and sleeps (and no
+    engine-inspector check of the attention, which needs TensorRT)."""
     from ruyi_trt.engine import build, cache
     from ruyi_trt.engine.builder import BuilderOptions
+    from ruyi_trt.engine.plan import planned_engines
     from ruyi_trt.engine.profiles import FrameRange, graph_specs
     from ruyi_trt.engine.settings import BuildSettings
     from ruyi_trt.export import manifest
-    from ruyi_trt.models.checkpoint import Checkpoint
+    from ruyi_trt.export.source import model_source
 
     def stand_in(onnx_path, profile, options, progress) -> StandInPlan:
         with open(log, "a") as handle:
@@ -155,11 +157,13 @@ def build_once(onnx_dir: str, root: str, seconds: str, log: str) -> dict:
         return StandInPlan()
 
     build.build_plan = stand_in
-    checkpoint = Checkpoint.resolve("tiny")
+    build.check_fused_attention = lambda plan, onnx_path, profile, name: 0
+    source = model_source("tiny")
     settings = BuildSettings(model="tiny", precision="fp16", resolutions=("64x96",), frames=FrameRange(8, 8, 8))
-    entry = manifest.read_manifest(onnx_dir)["components"]["image-encoder"]
-    spec = graph_specs(checkpoint, "fp16")["image_encoder"]
-    folder, built = build.build_graph(spec, "image-encoder", entry, Path(onnx_dir), checkpoint, settings,
+    data = manifest.read_manifest(onnx_dir)
+    specs = graph_specs(source.checkpoint, "fp16")
+    (planned,) = [e for e in planned_engines(settings, specs, data, per_block=False) if e.graph == "image_encoder"]
+    folder, built = build.build_graph(planned, data["components"]["image-encoder"], Path(onnx_dir), source, settings,
                                       BuilderOptions(), cache.Platform("stand-in GPU", "9.0", "10.0"), Path(root),
                                       False)  # fmt: skip
     cache.read_plan(folder, cache.read_record(folder))  # size and sha256 match the sidecar
@@ -198,7 +202,8 @@ def test_ctrl_c_while_building_leaves_no_engine_folder(exported_dir: Path, tmp_p
 def test_damaged_engine_folder_is_rebuilt(exported_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from ruyi_trt.engine import build
 
-    monkeypatch.setattr(build, "build_plan", build.build_plan)  # build_once replaces it: undone after the test
+    monkeypatch.setattr(build, "build_plan", build.build_plan)  # build_once replaces them: undone after the test
+    monkeypatch.setattr(build, "check_fused_attention", build.check_fused_attention)
     root, builds = tmp_path / "engines", tmp_path / "builds"
     args = (str(exported_dir), str(root), "0", str(builds))
     folder = Path(build_once(*args)["folder"])

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.memory.device_usage import device_peak
 from ..runtime.parallel import ParallelConfig, ParallelContext, join
 from .bench_models import (
     ALL_STAGES,
@@ -129,7 +130,7 @@ def measure(
     _release(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), device_peak(device) as driver:
         start = time.perf_counter()
         for _ in range(warmup):
             call()
@@ -146,6 +147,8 @@ def measure(
     if device.type == "cuda":
         row.peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
         row.peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
+    if driver.result is not None:
+        row.peak_driver_bytes, row.driver_added_bytes = driver.result.driver_peak_bytes, driver.result.driver_added_bytes
     row.host_rss_bytes, row.host_peak_rss_bytes = host_memory()
     row.status = "ok"
 

@@ -38,6 +38,8 @@ class Measurement:
     warmup_s: float | None = None  # all warm-up calls together (compilation and graph capture land here)
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
+    peak_driver_bytes: int | None = None  # device memory in use as the driver reports it (TensorRT, ORT included)
+    driver_added_bytes: int | None = None  # that peak minus the use before the stage
     host_rss_bytes: int | None = None  # after the stage
     host_peak_rss_bytes: int | None = None  # the process's peak so far
     flops: dict[str, int] | None = None  # transformer FLOPs of one call (the run: all steps)
@@ -127,9 +129,9 @@ def markdown(results: BenchResults) -> str:
         "",
         (
             "| backend | stage | shape | median s | min s | max s | x torch | TFLOP/s | % peak | peak alloc GiB "
-            "| peak reserved GiB | host RSS GiB | comm MiB/step | status |"
+            "| peak reserved GiB | device peak GiB (driver) | host RSS GiB | comm MiB/step | status |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     torch_median = {
         (m.stage, m.height, m.width, m.frames): m.median_s
@@ -147,8 +149,8 @@ def markdown(results: BenchResults) -> str:
             f"| {backend} | {m.stage} | {m.height}x{m.width}x{m.frames}f | {_fmt(d['median_s'], '.4f')} "
             f"| {_fmt(d['min_s'], '.4f')} | {_fmt(d['max_s'], '.4f')} | {_fmt(speed, '.2f')} "
             f"| {_fmt(m.tflops_per_s, '.3g')} | {fraction} "
-            f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.host_rss_bytes)} | {comm} "
-            f"| {status} |"
+            f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.peak_driver_bytes)} "
+            f"| {_gib(m.host_rss_bytes)} | {comm} | {status} |"
         )
     unavailable = [b for b in results.backends if not b["available"]]
     if unavailable:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...kernels.triton_support import fp8_supported, interpreting, kernel_unavailable_reason
-from ...models.transformer_blocks import AdaLayerNormShift, Attention, AttentionFn, GELUProjection
+from ...models.transformer_blocks import AdaLayerNormShift, Attention, AttentionFn, GELUProjection, sdpa
 from ...weights.compute8 import (
     COMPUTE_MODES,
     CalibratedScales,
@@ -176,7 +176,7 @@ def apply_fast_compute(
         for module in patched:
             del module.forward
         for attention in attentions:
-            attention.attention_fn = F.scaled_dot_product_attention
+            attention.attention_fn = sdpa
         restore_modules(model, originals)
 
     return undo

@@ -2,9 +2,16 @@
 
 Graphs come from the artifact cache (`cache_root()/onnx/<key>`, exported on first use by
 `export.ensure_exported`). The VAE runs chunk by chunk through the same loops as `RuyiVAE`
-(`encode_in_chunks` / `decode_in_chunks`), with one session call per chunk. Providers: CPU, or on a CUDA
-device the TensorRT EP (when libnvinfer is on the library path), the CUDA EP, then CPU; on CUDA, inputs and
-outputs are bound to device memory (IO binding) so tensors never pass through the host.
+(`encode_in_chunks` / `decode_in_chunks`), with one session call per chunk. On CUDA, inputs and outputs
+are bound to device memory (IO binding) and outputs reach torch through DLPack, so tensors never pass
+through the host (onnxruntime-gpu >= MIN_ONNXRUNTIME: its OrtValue implements `__dlpack__`).
+
+Providers (`default_providers`): on a CUDA device the CUDA EP with `arena_extend_strategy`
+kSameAsRequested (the default kNextPowerOfTwo grows the arena to the next power of two: a 9 GB request
+reserves 16 GB), then CPU. ONNX Runtime's TensorRT EP is used only when given an engine cache folder and
+the graph's profile shapes (`ort_components(..., trt_profiles=..., trt_cache_dir=...)`, and libnvinfer
+loads): without them it would rebuild every engine, the 14 GB transformer included, on every run, for
+whatever shapes the first call has.
 
 Limits: fp32 and fp16 only (ORT's Python API has no bfloat16 arrays), slice-mode VAEs only, and at least
 two latent frames for the transformer (one-frame requests need --backend torch).
@@ -26,19 +33,44 @@ from .protocol import CallableBackend, Components
 log = logging.getLogger(__name__)
 
 ORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MIN_ONNXRUNTIME = (1, 26)  # OrtValue.__dlpack__ in the public Python class (pyproject pins onnxruntime-gpu>=1.26)
 _TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
-def default_providers(device: torch.device) -> list:
+def default_providers(device: torch.device, trt_profile: Profile | None = None, trt_cache_dir: Path | None = None,
+                      fp16: bool = False) -> list:  # fmt: skip
     """ORT execution providers for `device`, best first, limited to those this onnxruntime build has."""
     ort = require("onnxruntime", "the ONNX Runtime backend")
     available = set(ort.get_available_providers())
-    wanted = ["CPUExecutionProvider"]
+    wanted: list = ["CPUExecutionProvider"]
     if device.type == "cuda":
-        cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
-        tensorrt = ("TensorrtExecutionProvider", {"device_id": device.index or 0})
-        wanted = ([tensorrt] if ctypes.util.find_library("nvinfer") else []) + [cuda] + wanted
+        index = device.index or 0
+        wanted = [("CUDAExecutionProvider", {"device_id": index, "arena_extend_strategy": "kSameAsRequested"}), *wanted]
+        if trt_profile is not None and trt_cache_dir is not None and ctypes.util.find_library("nvinfer"):
+            wanted = [("TensorrtExecutionProvider", tensorrt_provider_options(index, trt_profile, trt_cache_dir, fp16)),
+                      *wanted]  # fmt: skip
     return [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
+
+
+def tensorrt_provider_options(device_id: int, profile: Profile, cache_dir: Path, fp16: bool) -> dict[str, object]:
+    """TensorRT EP options: engines and timing cache kept in `cache_dir`, one explicit optimization profile."""
+    shapes = ({name: ranges[level] for name, ranges in profile.items()} for level in range(3))
+    low, opt, high = (",".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in s.items()) for s in shapes)
+    return {
+        "device_id": device_id, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir), "trt_fp16_enable": fp16,
+        "trt_profile_min_shapes": low, "trt_profile_opt_shapes": opt, "trt_profile_max_shapes": high,
+    }  # fmt: skip
+
+
+def check_onnxruntime_version(version: str) -> None:
+    """ImportError with the pip command when `version` is older than MIN_ONNXRUNTIME."""
+    numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if numbers < MIN_ONNXRUNTIME:
+        wanted = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise ImportError(f"onnxruntime {version} is too old for the CUDA path of --backend ort (its OrtValue has no "
+                          f"DLPack interface); pip install -U 'onnxruntime-gpu>={wanted}'")  # fmt: skip
 
 
 class OrtGraph:
@@ -55,6 +87,8 @@ class OrtGraph:
         # IO binding to device memory needs a CUDA provider; a CPU-only onnxruntime runs on host copies
         gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
         self.bound = device.type == "cuda" and bool(gpu_providers & set(self.session.get_providers()))
+        if self.bound:
+            check_onnxruntime_version(ort.__version__)
         if device.type == "cuda" and not self.bound:
             log.warning("%s: onnxruntime has no CUDA provider here (%s); it runs on the CPU", path.name,
                         self.session.get_providers())  # fmt: skip
@@ -87,8 +121,10 @@ class OrtGraph:
 
 
 def ort_components(checkpoint: Checkpoint | str | Path, device: torch.device | str = "cpu", dtype: str = "fp32",
-                   providers: list | None = None, progress: bool = True) -> Components:  # fmt: skip
-    """ORT backends for the checkpoint's graphs (exported into the artifact cache when missing)."""
+                   providers: list | None = None, progress: bool = True, trt_profiles: dict[str, Profile] | None = None,
+                   trt_cache_dir: Path | None = None) -> Components:  # fmt: skip
+    """ORT backends for the checkpoint's graphs (exported into the artifact cache when missing). `trt_profiles`
+    ({graph: profile}) with `trt_cache_dir` lets those graphs use the TensorRT EP (see the module docstring)."""
     from ...export import manifest
     from ...export.onnx_export import ExportSettings, ensure_exported
 
@@ -102,7 +138,8 @@ def ort_components(checkpoint: Checkpoint | str | Path, device: torch.device | s
     listing = manifest.read_manifest(out)
 
     def graph(name: str) -> OrtGraph:
-        return OrtGraph(manifest.graph_path(out, listing, name), device, providers)
+        chosen = providers or default_providers(device, (trt_profiles or {}).get(name), trt_cache_dir, dtype == "fp16")
+        return OrtGraph(manifest.graph_path(out, listing, name), device, chosen)
 
     clip, encoder, transformer = graph("image_encoder"), graph("vae_encoder"), graph("transformer")
     decoder, one_frame = graph("vae_decoder"), graph("vae_decoder_one_frame")

@@ -148,7 +148,7 @@ class MemoryPlan:
     skips_on_device: int  # most long-skip tensors on the device at once
     total_skips: int
     vae_chunk: tuple[int, int]  # (latents, frames) per VAE decode chunk
-    trt_weight_streaming_budget_bytes: int | None  # for a TensorRT engine: usable budget minus activations
+    trt_block_loop_bytes: int  # what the TensorRT per-block loop keeps outside its engines (tokens, every skip)
     est_transfer_s_per_step: float
     notes: tuple[str, ...] = field(default_factory=tuple)
     host_bytes: dict[str, int] = field(default_factory=dict)  # host memory by part (see the module docstring)
@@ -248,8 +248,9 @@ class MemoryPlan:
         lines.append(f"  predicted peak: {gib(self.peak_bytes)} in {self.peak_stage}{verdict}")
         lines.append("    stages: " + ", ".join(f"{k} {gib(v)}" for k, v in self.stages.items()))
         lines.append("    denoise: " + ", ".join(f"{k} {gib(v)}" for k, v in self.denoise_breakdown.items()))
-        if self.trt_weight_streaming_budget_bytes is not None:
-            lines.append(f"  TensorRT weight-streaming budget: {gib(self.trt_weight_streaming_budget_bytes)}")
+        lines.append(f"  TensorRT: the per-block loop keeps {gib(self.trt_block_loop_bytes)} outside its engines (the "
+                     f"batch-{r.cfg + 1} tokens in and out, every long skip); each engine's weight-streaming budget is "
+                     "set from its own figures when it loads")
         host_verdict = "fits" if self.host_fits else "DOES NOT FIT"
         lines.append(f"  host memory: {gib(self.host_total_bytes)} ({gib(self.host_pinned_bytes)} page-locked) of "
                      f"the {gib(self.host_limit_bytes)} a plan may use - {host_verdict}")
@@ -385,14 +386,12 @@ class _Planner:
             transfer += passes * 3 * stored_fp8 / DEVICE_BYTES_PER_S
         if s.offload_models:
             transfer += 2 * (w.total + self.vae_w + self.clip_w) / PCIE_BYTES_PER_S / r.steps
-        usable = usable_budget(r.budget_bytes)
-        activations = sum(v for k, v in breakdown.items() if not k.startswith("weights"))
         return MemoryPlan(
             request=r, settings=s, num_blocks=w.num_blocks, latent_shape=self.latent, tokens=self.tokens,
             stages=stages, denoise_breakdown=breakdown, slot_bytes=slots, skips_on_device=skips.device_peak,
             total_skips=len(self.sources), vae_chunk=(self.vcfg.mini_batch_decoder,
                                                       self.vcfg.mini_batch_decoder * self.vcfg.temporal_factor),
-            trt_weight_streaming_budget_bytes=None if usable is None else max(0, usable - activations),
+            trt_block_loop_bytes=(2 + skip_residency(self.sources, 0, w.num_blocks).device_peak) * full_h,
             est_transfer_s_per_step=transfer, host_bytes=self.host_bytes(s, h, skips.host_peak),
             host_limit_bytes=self.host_limit, est_compute_s_per_step=self.compute_s, skips_to_host=skips.sent,
         )  # fmt: skip

@@ -20,7 +20,7 @@ from ruyi_trt.models.checkpoint_io import load_weights
 @pytest.fixture(scope="module")
 def transformer_map(tiny_dir: Path, exported_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("engine")
-    write_refit_map(folder, exported_dir / "transformer.onnx", tiny_dir / "transformer", "fp32")
+    write_refit_map(folder, exported_dir / "transformer.onnx", tiny_dir, "fp32")
     return read_refit_map(folder)
 
 
@@ -37,6 +37,7 @@ def test_every_block_weight_is_mapped(tiny_dir: Path, transformer_map):
     mapped = {key for candidates in transformer_map.values() for key, _, _ in candidates}
     block_weights = [k for k in state if k.startswith("blocks.") and not k.endswith(".pe")]
     assert block_weights and not set(block_weights) - mapped
+    assert all(transformer_map[k] == [(k, False, "float32")] for k in block_weights)  # by name: the stitched graph
     assert any(transposed for candidates in transformer_map.values() for _, transposed, _ in candidates)  # MatMul weights
 
 

@@ -1,4 +1,6 @@
-"""Real TensorRT builds of the tiny model, compared with PyTorch. Skipped (with the reason) without TensorRT or a GPU."""
+"""Real TensorRT builds of the tiny model, compared with PyTorch: fused attention checked in the engine, user-managed
+context memory, the private stream, CUDA graphs per shape, weight streaming, refit from host memory, per-block
+engines and driver-measured memory. Skipped (with the reason) without TensorRT or a GPU."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from ruyi_trt.engine import cache
 from ruyi_trt.engine.build import build_engines
+from ruyi_trt.engine.device_memory import ScratchMemory
 from ruyi_trt.engine.profiles import FrameRange
 from ruyi_trt.engine.runtime import TRTEngine
 from ruyi_trt.engine.settings import BuildSettings
@@ -36,16 +39,15 @@ def built(tiny_dir: Path, private_cache: Path):
     return settings, build_engines(settings, progress=False)
 
 
-def _engine(result, graph: str) -> TRTEngine:
+def _engine(result, graph: str, **kwargs) -> TRTEngine:
     folder = result.engines[graph]
-    return TRTEngine(folder, cache.read_record(folder))
+    return TRTEngine(folder, cache.read_record(folder), **kwargs)
 
 
 def _reference(tiny_dir: Path, graph: str):
-    from ruyi_trt.export.onnx_export import ExportSettings, component_graphs
+    from ruyi_trt.export.onnx_export import ExportSettings, reference_graph
 
-    pairs = {spec.name: (spec, module) for spec, module in component_graphs(tiny_dir, GRAPH_COMPONENT[graph], ExportSettings(dtype="fp16"))}
-    spec, module = pairs[graph]
+    spec, module = reference_graph(tiny_dir, graph, ExportSettings(dtype="fp16"))
     return spec, module.cuda().eval()
 
 
@@ -58,11 +60,13 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
 def test_build_writes_engines_sidecars_logs_and_reuses(built):
     settings, result = built
     assert set(result.engines) == set(GRAPH_COMPONENT)
-    for folder in result.engines.values():
+    for graph, folder in result.engines.items():
         record = cache.read_record(folder)
         assert cache.read_plan(folder, record)
         log = (folder / cache.LOG_NAME).read_text()
-        assert "attention:" in log and settings.command() in log
+        assert "attention:" in log and "--attention onnx" in log
+        assert record.attention["form"] == "onnx-attention" and record.attention["fused"] == record.attention["nodes"] > 0, graph
+    assert (result.plan).is_file()
     assert (settings.timing_cache).is_file()
     again = build_engines(settings, progress=False)
     assert again.built == [] and sorted(again.reused) == sorted(result.engines)
@@ -70,8 +74,10 @@ def test_build_writes_engines_sidecars_logs_and_reuses(built):
 
 @pytest.mark.parametrize("graph", sorted(GRAPH_COMPONENT))
 def test_engine_matches_torch(built, tiny_dir: Path, graph: str):
+    """With user-managed context memory from one shared scratch buffer and a private stream."""
     spec, module = _reference(tiny_dir, graph)
-    engine = _engine(built[1], graph)
+    scratch = ScratchMemory()
+    engine = _engine(built[1], graph, scratch=scratch, stream=torch.cuda.Stream())
     for shape in (VideoShape(1, 8, 64, 64), VideoShape(2, 16, 64, 96)):
         if graph != "transformer" and shape.batch != 1:
             shape = dataclasses.replace(shape, batch=1)
@@ -79,22 +85,28 @@ def test_engine_matches_torch(built, tiny_dir: Path, graph: str):
         with torch.inference_mode():
             expected = module(*inputs.values())
         _close(next(iter(engine.infer(inputs).values())), expected, f"{graph} {shape}")
+        assert 0 < scratch.size <= max(engine.engine.device_memory_size_v2, 256)  # sized for the shapes in use
+    assert engine.plan is None  # the host copy of the plan was dropped after deserializing
     engine.unload()
 
 
 def test_cuda_graph_and_weight_streaming(built, tiny_dir: Path):
     spec, _ = _reference(tiny_dir, "transformer")
     folder = built[1].engines["transformer"]
-    plain, graphed = TRTEngine(folder, cache.read_record(folder)), TRTEngine(folder, cache.read_record(folder), cuda_graphs=True)
-    graphed.activate(weight_streaming_budget=0)  # stream every weight
-    for seed in (1, 2):
-        inputs = {k: v.cuda() for k, v in spec.sample_inputs(spec.dims_for(VideoShape(2, 8, 64, 64)), seed).items()}
+    plain = TRTEngine(folder, cache.read_record(folder))
+    graphed = TRTEngine(folder, cache.read_record(folder), cuda_graphs=True, scratch=ScratchMemory(), stream=torch.cuda.Stream())
+    graphed.activate(keep_free_bytes=0, free_bytes=lambda: 0)  # no room: stream every weight
+    assert graphed.budget == 0 and graphed.figures.streamable_bytes > 0
+    for seed, shape in ((1, VideoShape(2, 8, 64, 64)), (2, VideoShape(2, 8, 64, 64)), (3, VideoShape(1, 16, 64, 96))):
+        inputs = {k: v.cuda() for k, v in spec.sample_inputs(spec.dims_for(shape), seed).items()}
         _close(next(iter(graphed.infer(inputs).values())), next(iter(plain.infer(inputs).values())), "cuda graph")
-    assert len(graphed.graphs) == 1
+    assert len(graphed.captured) == 2  # one context and graph per shape
+    contexts = {id(c.context) for c in graphed.captured.values()}
+    assert len(contexts) == 2
 
 
 def test_refit_matches_torch_with_changed_weights(built, tiny_dir: Path):
-    from ruyi_trt.engine.refit import read_refit_map, refit_tensors
+    from ruyi_trt.engine.refit import initializer_tensors, read_refit_map, refit_tensors
 
     spec, module = _reference(tiny_dir, "transformer")
     folder = built[1].engines["transformer"]
@@ -102,8 +114,11 @@ def test_refit_matches_torch_with_changed_weights(built, tiny_dir: Path):
     key = "blocks.0.attn1.to_q.weight"
     with torch.no_grad():
         module.model.get_parameter(key).add_(0.05)
-    state = {k: v.detach() for k, v in module.model.state_dict().items()}
-    assert engine.refit(refit_tensors(read_refit_map(folder), state, [key])) >= 1
+    state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}  # host memory
+    mapping = read_refit_map(folder)
+    assert mapping[key] == [(key, False, "float16")]  # block weights keep their checkpoint names
+    fill = lambda names: initializer_tensors(mapping, state, names)
+    assert engine.refit(refit_tensors(mapping, state, [key]), fill) >= 1
     inputs = {k: v.cuda() for k, v in spec.sample_inputs(spec.dims_for(VideoShape(2, 8, 64, 64))).items()}
     with torch.inference_mode():
         expected = module(*inputs.values())
@@ -131,13 +146,17 @@ def test_pipeline_on_trt_matches_torch(built, start_png: Path, tmp_path: Path):
     from ruyi_trt.runtime.pipeline import RuyiPipeline
 
     args = {"frames": 16, "size": (64, 96), "steps": 3, "cfg": 7.0, "seed": 1}
-    videos = {}
+    videos, stats = {}, {}
     for backend in ("torch", "trt"):
         pipe = RuyiPipeline.from_pretrained("tiny", backend=backend, device="cuda", dtype="fp16", memory_mode="full_gpu")
-        videos[backend] = pipe(start_png, progress=False, **args).frames.float()
+        video = pipe(start_png, progress=False, **args)
+        videos[backend], stats[backend] = video.frames.float(), video.stats
         pipe.unload()
     mse = (videos["torch"] - videos["trt"]).pow(2).mean().item()
     assert 10 * math.log10(255**2 / max(mse, 1e-12)) >= 30
+    trt = stats["trt"]  # TensorRT allocates outside torch: only the driver's figure sees its engines
+    assert trt.driver_peak_bytes is not None and trt.driver_peak_bytes > trt.peak_memory_bytes
+    assert "in use on the device (driver)" in trt.summary()
 
 
 def test_run_outside_the_profile_is_refused(built, start_png: Path, tmp_path: Path):
@@ -146,3 +165,29 @@ def test_run_outside_the_profile_is_refused(built, start_png: Path, tmp_path: Pa
     pipe = RuyiPipeline.from_pretrained("tiny", backend="trt", device="cuda", dtype="fp16", memory_mode="full_gpu")
     with pytest.raises(cache.EngineMismatchError, match="ruyi-trt build .*--frames 8:8:24"):
         pipe(start_png, frames=24, size=(64, 96), steps=1, seed=1, progress=False)
+
+
+def test_per_block_engines_match_the_whole_engine(built, tiny_dir: Path, start_png: Path, tmp_path: Path):
+    """--per-block: embed, plain/skip block and unembed engines (block weights bound from torch) give the same
+    transformer output as the whole-model engine."""
+    from ruyi_trt.models.checkpoint import Checkpoint
+
+    settings = dataclasses.replace(built[0], per_block=True, refit=False, weight_streaming=False)
+    result = build_engines(settings, progress=False)
+    assert {"transformer_embed", "transformer_block_plain", "transformer_block_skip", "transformer_unembed"} <= set(result.engines)
+    from ruyi_trt.runtime.backends import trt_backend
+
+    engines = trt_backend.EngineSet(Checkpoint.resolve(tiny_dir), "fp16", root=settings.out)
+    engines.records = [(f, cache.read_record(f)) for f in result.engines.values()]
+    spec, module = _reference(tiny_dir, "transformer")
+    full = {k: v.cuda() for k, v in spec.sample_inputs(spec.dims_for(VideoShape(2, 16, 64, 96)), 4).items()}
+    tcfg = module.model.config
+    blocks = trt_backend._block_weights({k: v.half() for k, v in module.model.state_dict().items()}, tcfg.num_layers)
+    inputs = {k: v for k, v in full.items() if not k.startswith("rope_")}
+    out = trt_backend._run_blocks(engines, tcfg, blocks, (64, 96, 16, 2), full["rope_cos"], full["rope_sin"], inputs)
+    with torch.inference_mode():
+        expected = module(*(full[name] for name in spec.input_names))
+    _close(out, expected, "per-block transformer")
+    engines.enter("vae-decoder")  # the stage change releases every transformer engine
+    assert not engines.active
+    engines.close()

@@ -23,9 +23,8 @@ from ruyi_trt.export import (
     video_shapes,
 )
 from ruyi_trt.export.manifest import read_manifest
-from ruyi_trt.export.onnx_export import component_graphs
+from ruyi_trt.export.onnx_export import reference_graph
 from ruyi_trt.export.specs import transformer_spec, vae_decoder_specs
-from ruyi_trt.models.checkpoint import Checkpoint
 from ruyi_trt.models.checkpoint_io import CheckpointError
 from ruyi_trt.models.transformer import TransformerConfig
 from ruyi_trt.models.vae_config import VAEConfig
@@ -94,7 +93,9 @@ def test_manifest_lists_every_graph(exported_dir: Path) -> None:
     assert set(graphs) == set(ALL_GRAPHS)
     entry = manifest["components"]["transformer"]
     assert entry["checkpoint_hash"].startswith("sha256:")
-    assert entry["settings"] == {"dtype": "fp32", "opset": 18, "per_block": False, "exporter": "torchscript"}
+    assert entry["settings"] == {"dtype": "fp32", "opset": 18, "per_block": False, "exporter": "torchscript",
+                                 "attention": "decomposed"}  # fmt: skip
+    assert entry["seconds"] > 0 and entry["peak_host_rss_bytes"] > 0
     assert {"torch", "onnx", "onnx_graphsurgeon", "ruyi_trt"} <= set(entry["versions"])
     hidden = next(t for t in graphs["transformer"]["inputs"] if t["name"] == "hidden_states")
     assert hidden == {"name": "hidden_states", "shape": ["batch", 16, "latent_frames", "latent_height", "latent_width"],
@@ -116,12 +117,9 @@ def test_graph_is_valid_and_tensorrt_ready(exported_dir: Path, name: str) -> Non
 
 @pytest.mark.parametrize("name", ALL_GRAPHS)
 def test_ort_matches_torch_at_untraced_shapes(tiny_dir: Path, exported_dir: Path, name: str) -> None:
-    """fp32: ORT CPU vs the PyTorch wrapper at two shapes unlike the traced one; max abs err <= 1e-4 x scale."""
-    graphs = {
-        spec.name: (spec, module)
-        for spec, module in component_graphs(Checkpoint.resolve(tiny_dir), GRAPH_COMPONENT[name], ExportSettings())
-    }
-    spec, module = graphs[name]
+    """fp32: ORT CPU vs the PyTorch wrapper at two shapes unlike the traced one; max abs err <= 1e-4 x scale.
+    The transformer graph is the one stitched from the per-block graphs."""
+    spec, module = reference_graph(tiny_dir, name)
     session = OrtGraph(exported_dir / f"{name}.onnx", CPU)
     for seed, dims in enumerate(TEST_DIMS[name]):
         dims = _with_grid(dims)
@@ -135,14 +133,15 @@ def test_per_block_graphs_chain_to_the_whole_model(tiny_dir: Path, per_block_dir
     PyTorch transformer at an untraced shape; fp32, max abs err <= 1e-4 x scale."""
     names = ["transformer_block_plain", "transformer_block_skip", "transformer_embed", "transformer_unembed"]
     assert sorted(p.stem for p in per_block_dir.glob("*.onnx")) == names
-    (spec, whole), *_ = component_graphs(Checkpoint.resolve(tiny_dir), "transformer", ExportSettings())
+    spec, whole = reference_graph(tiny_dir, "transformer")
     model, config = whole.model, whole.model.config
     inputs = spec.sample_inputs(_with_grid({"batch": 2, "latent_frames": 4, "grid_height": 3, "grid_width": 5}), seed=7)
     graph = {
         name: OrtGraph(per_block_dir / f"transformer_{name}.onnx", CPU)
         for name in ("embed", "block_plain", "block_skip", "unembed")
     }
-    tokens, temb, text_states, clip_states = graph["embed"].run(**inputs)
+    grid, temb, text_states, clip_states = graph["embed"].run(**inputs)
+    tokens = grid.flatten(2, 3)  # the block graphs take [B, T, S, D]
     shared = {"temb": temb, "text_states": text_states, "clip_states": clip_states,
               "rope_cos": inputs["rope_cos"], "rope_sin": inputs["rope_sin"]}  # fmt: skip
     kept: dict[int, torch.Tensor] = {}
@@ -156,7 +155,7 @@ def test_per_block_graphs_chain_to_the_whole_model(tiny_dir: Path, per_block_dir
             tokens = graph["block_plain"].run(tokens=tokens, **shared, **weights)[0]
         if i in config.skip_sources.values():
             kept[i] = tokens
-    out = graph["unembed"].run(tokens=tokens, temb=temb)[0]
+    out = graph["unembed"].run(tokens=tokens.reshape(grid.shape), temb=temb)[0]
     assert_close_scaled(out, _reference(whole, "transformer", inputs), name="chained blocks")
 
 
@@ -164,13 +163,13 @@ def test_per_block_graphs_chain_to_the_whole_model(tiny_dir: Path, per_block_dir
                          [("transformer", "fp16", "torchscript"), ("image-encoder", "bf16", "dynamo")])  # fmt: skip
 def test_half_precision_graphs_keep_norms_and_softmax_in_fp32(tiny_dir: Path, tmp_path: Path, component: str,
                                                               dtype: str, exporter: str) -> None:  # fmt: skip
-    from ruyi_trt.export.graph_passes import FP32_OPS, _elem_types
+    from ruyi_trt.export.graph_passes import FP32_OPS, elem_types
 
     settings = ExportSettings(dtype=dtype, exporter=exporter)
     result = export_checkpoint(tiny_dir, tmp_path, settings, components=[component], progress=False)
     (entry,) = result.manifest["components"][component]["graphs"].values()
     model = onnx.load(str(tmp_path / entry["file"]))
-    types = _elem_types(model)
+    types = elem_types(model)
     nodes = [n for n in model.graph.node if n.op_type in FP32_OPS]
     assert nodes and entry["fp32_nodes"] > 0
     for node in nodes:
@@ -214,7 +213,8 @@ def test_broken_checkpoint_fails_clearly_and_leaves_no_files(tiny_dir: Path, tmp
 
 def test_settings_are_validated(tiny_dir: Path, tmp_path: Path) -> None:
     for bad, match in ((ExportSettings(dtype="int8"), "dtype"), (ExportSettings(opset=23), "opset"),
-                       (ExportSettings(dtype="bf16"), "exporter dynamo"),
+                       (ExportSettings(dtype="bf16", exporter="torchscript"), "exporter auto or dynamo"),
+                       (ExportSettings(attention="flash"), "attention"),
                        (ExportSettings(exporter="jit"), "exporter")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             export_checkpoint(tiny_dir, tmp_path, bad, progress=False)
@@ -228,7 +228,7 @@ def test_dynamo_exporter_matches_torch(tiny_dir: Path, tmp_path: Path) -> None:
     export_checkpoint(
         tiny_dir, tmp_path, ExportSettings(exporter="dynamo"), components=["image-encoder"], progress=False
     )
-    ((spec, module),) = component_graphs(Checkpoint.resolve(tiny_dir), "image-encoder", ExportSettings())
+    spec, module = reference_graph(tiny_dir, "image_encoder")
     model = onnx.load(str(tmp_path / "image_encoder.onnx"))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     inputs = spec.sample_inputs({"batch": 3}, seed=2)
@@ -243,7 +243,8 @@ def test_profiles_cover_the_requested_sizes() -> None:
     shapes = video_shapes([(384, 672), (512, 512)], frames=[8, 24], batch=[2])
     profile = spec.profile(shapes)
     assert profile["hidden_states"] == ((2, 16, 2, 48, 64), (2, 16, 6, 64, 64), (2, 16, 6, 64, 84))
-    assert profile["rope_cos"] == ((24 * 32, 16), (32 * 32, 16), (32 * 42, 16)) and profile["style"] == (
+    # each dim's range over the real sizes: tokens per frame 24*42 (384x672) .. 32*32 (512x512), never 32*42
+    assert profile["rope_cos"] == ((24 * 42, 16), (32 * 32, 16), (32 * 32, 16)) and profile["style"] == (
         (2,),
         (2,),
         (2,),

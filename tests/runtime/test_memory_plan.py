@@ -14,6 +14,7 @@ from ruyi_trt.models.transformer import TransformerConfig
 from ruyi_trt.models.vae_config import VAEConfig
 from ruyi_trt.runtime.memory.model import ClipSpec, GiB, transformer_weights
 from ruyi_trt.runtime.memory.plan import MemoryPlanError, PlanRequest, plan_memory, usable_budget
+from ruyi_trt.runtime.memory.skip_offload import skip_residency
 from ruyi_trt.weights.fp8_storage import FP8_MODES, store_weights_fp8, weight_bytes
 
 FULL = (TransformerConfig.full(), VAEConfig.full(), ClipSpec())
@@ -63,8 +64,8 @@ def test_fp8_lowers_only_the_weights() -> None:
 def test_auto_plan_respects_the_budget(budget_gib: int, size: tuple[int, int]) -> None:
     chosen = plan(*size, budget_bytes=budget_gib * GiB)
     assert chosen.fits and chosen.peak_bytes <= usable_budget(budget_gib * GiB)
-    expected_trt = usable_budget(budget_gib * GiB) - chosen.denoise_activation_bytes
-    assert chosen.trt_weight_streaming_budget_bytes == expected_trt
+    hidden = 2 * chosen.tokens * TransformerConfig.full().inner_dim * 2  # the CFG batch's bf16 hidden state
+    assert chosen.trt_block_loop_bytes == (2 + skip_residency(TransformerConfig.full().skip_sources, 0).device_peak) * hidden
 
 
 def test_768_120_on_24_gib_streams_or_offloads() -> None:
@@ -163,7 +164,7 @@ def test_cli_plan_only_full_random() -> None:
     result = CliRunner().invoke(main, [*args, "--vram-budget", "24"])
     assert result.exit_code == 0, result.output
     assert "Memory plan (auto) for 576x1008, 120 frames" in result.output
-    assert "- fits" in result.output and "TensorRT weight-streaming budget" in result.output
+    assert "- fits" in result.output and "TensorRT: the per-block loop keeps" in result.output
     no_gpu = CliRunner().invoke(main, args)
     assert no_gpu.exit_code != 0 and "--vram-budget" in no_gpu.output
 

@@ -103,3 +103,36 @@ def test_cuda_device_without_a_cuda_provider_runs_on_host_copies(tmp_path: Path)
     on_cpu = OrtGraph(path, torch.device("cpu"))
     assert not on_cpu.bound
     torch.testing.assert_close(on_cpu.run(x=torch.tensor([1.0, 2.0]))[0], torch.tensor([2.0, 4.0]))
+
+
+def test_provider_choices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CUDA EP with an exact-size arena; the TensorRT EP only with a profile and an engine cache folder."""
+    import ctypes.util
+
+    import onnxruntime as ort
+
+    from ruyi_trt.runtime.backends.ort_backend import default_providers, tensorrt_provider_options
+
+    assert default_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])  # fmt: skip
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libnvinfer.so.10")
+    cuda = torch.device("cuda:1")
+    plain = default_providers(cuda)
+    assert plain == [("CUDAExecutionProvider", {"device_id": 1, "arena_extend_strategy": "kSameAsRequested"}),
+                     "CPUExecutionProvider"]  # fmt: skip
+    assert default_providers(cuda, trt_profile={"x": ((1, 2), (1, 4), (2, 8))}) == plain  # no cache folder: no TRT EP
+    profile = {"x": ((1, 2), (1, 4), (2, 8)), "y": ((3,), (3,), (3,))}
+    name, options = default_providers(cuda, profile, tmp_path, fp16=True)[0]
+    assert name == "TensorrtExecutionProvider" and options == tensorrt_provider_options(1, profile, tmp_path, True)
+    assert options["trt_profile_min_shapes"] == "x:1x2,y:3" and options["trt_profile_max_shapes"] == "x:2x8,y:3"
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path)
+
+
+def test_onnxruntime_minimum_version() -> None:
+    from ruyi_trt.runtime.backends.ort_backend import check_onnxruntime_version
+
+    check_onnxruntime_version("1.26.0")
+    check_onnxruntime_version("1.31.1+cu130")
+    with pytest.raises(ImportError, match="onnxruntime-gpu>=1.26"):
+        check_onnxruntime_version("1.25.1")
