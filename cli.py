@@ -73,6 +73,8 @@ THRESHOLD = Number(float, lambda _, __: "a threshold within (0, 1]")
 WEIGHT = Number(float, lambda _, __: "0..100")
 STRENGTH = Number(float, lambda _, lo: f"-{lo.MAX_LORA_STRENGTH}..{lo.MAX_LORA_STRENGTH}")
 TIMEOUT = Number(float, lambda _, __: "a positive number of seconds")
+RESOLUTION = Number(int, lambda r, _: r.RESOLUTION_RULE)
+SKIP_STEPS = Number(int, lambda r, _: f"0..{r.MAX_STEPS} steps")
 
 
 # library argument names -> the `run` option that sets them (others are "--" + name with '-' for '_')
@@ -113,13 +115,15 @@ def doctor() -> None:
 @click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(), help="Output mp4 (H.264, 24 fps).")
 @click.option("--frames-dir", default=None, type=click.Path(), help="Also write every frame as PNG into this folder.")
 @click.option("--frames", default=120, show_default=True, type=FRAMES, help="Video length, 1..120 (rounded down to a multiple of 8).")
-@click.option("--resolution", default=512, show_default=True, type=click.Choice(["512", "768"]), help="Base resolution of the aspect-ratio buckets.")
+@click.option("--resolution", default=512, show_default=True, type=RESOLUTION, help="Base resolution of the aspect-ratio buckets, 384..1024 in steps of 16 (512 and 768 are the trained sizes).")
 @click.option("--size", default=None, help="Explicit HEIGHTxWIDTH (multiples of 16) instead of the bucket, e.g. 384x672.")
 @click.option("--camera", default="static", show_default=True, type=click.Choice(["static", "left", "right", "up", "down", "auto"]))
 @click.option("--motion", default="2", show_default=True, type=click.Choice(["1", "2", "3", "4", "auto"]), help="Motion amplitude.")
+@click.option("--aspect-ratio", default="16:9", show_default=True, help="Aspect key of the control embeddings (p.16x9movie...); the original always uses 16:9, whatever the video's shape.")
 @click.option("--steps", default=25, show_default=True, type=STEPS, help="Denoising steps, 1..1000.")
 @click.option("--cfg", "guidance_scale", default=7.0, show_default=True, type=GUIDANCE, help="Classifier-free guidance scale, 0..20 (<= 1 turns CFG off).")
 @click.option("--seed", default=42, show_default=True, type=SEED, help="Random seed, 0..2^64-1: the same seed gives the same video file.")
+@click.option("--noise-device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where the seeded noise is drawn: cpu gives the same video on every machine; cuda draws as the original (torch.Generator('cuda')), so a seed gives its video on the same GPU.")
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
@@ -129,11 +133,16 @@ def doctor() -> None:
 @click.option("--vram-budget", "vram_budget_gb", default=None, type=VRAM_BUDGET, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
 @click.option("--plan-only", is_flag=True, help="Print the memory plan and exit (reads configs only, no weights).")
 @click.option("--fp8", default="auto", show_default=True, type=click.Choice(["auto", "none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer; auto: none, unless --memory-mode auto finds no plan without it.")
-@click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
+@click.option("--fp8-storage", default="auto", show_default=True, type=click.Choice(["auto", "fp8_e4m3fn", "fp8_e5m2"]), help="auto: fp8_e4m3fn, as the original.")
 @click.option("--teacache", "teacache_threshold", default=None, type=THRESHOLD, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
-@click.option("--enhance-a-video", "enhance_a_video", default=None, type=WEIGHT, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
-@click.option("--lora", default=None, type=click.Path(), help="LoRA safetensors file merged into the transformer.")
-@click.option("--lora-strength", default=1.0, show_default=True, type=STRENGTH, help="-100..100.")
+@click.option("--teacache-skip-start", default=None, type=SKIP_STEPS, help="TeaCache: the first N steps are always computed (>= 1; default 3).")
+@click.option("--teacache-skip-end", default=None, type=SKIP_STEPS, help="TeaCache: the last N steps are always computed (>= 1; default 1).")
+@click.option("--teacache-offload-cpu/--no-teacache-offload-cpu", default=None, help="TeaCache: keep its cached tensors in host memory (default: yes, as the original).")
+@click.option("--enhance-a-video", "enhance_a_video", default=None, type=WEIGHT, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score; torch backend only, off when omitted.")
+@click.option("--enhance-a-video-skip-start", default=None, type=SKIP_STEPS, help="Enhance-A-Video: not on the first N steps (default 0).")
+@click.option("--enhance-a-video-skip-end", default=None, type=SKIP_STEPS, help="Enhance-A-Video: not on the last N steps (default 0).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", help="LoRA safetensors file merged into the transformer; repeat to chain several, each with its own strength (a.safetensors:0.8 --lora b.safetensors:0.5).")
+@click.option("--lora-strength", default=1.0, show_default=True, type=STRENGTH, help="Strength of the --lora files given without one, -100..100.")
 @click.option("--compute", default="none", show_default=True, type=click.Choice(["none", "fp8", "int8"]), help="8-bit GEMMs in the transformer blocks (torch backend): fp8 via torch._scaled_mm (GPU compute capability >= 8.9), int8 via torchao (Ampere+, CPU). Not --fp8, which only stores weights in fp8.")
 @click.option("--scales", default=None, type=click.Path(), help="scales.safetensors (or its folder) from `ruyi-trt calibrate` for --compute; default: dynamic per-token scales.")
 @click.option("--attention", default="sdpa", show_default=True, type=click.Choice(["sdpa", "fp8", "fp8-full"]), help="Self-attention kernel (torch backend): fp8 = Triton FP8 kernel, Q.K^T in e4m3 and P.V in the run dtype; fp8-full = P.V in e4m3 too (GPU compute capability >= 8.9).")
@@ -141,10 +150,11 @@ def doctor() -> None:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Spread the video over the processes of `torchrun --nproc-per-node K $(which ruyi-trt) run ...` (K = ulysses x ring x cfg): tokens split over ulysses x ring ranks, the CFG halves over cfg=2 rank groups.")
 @click.option("--parallel-timeout", default=600.0, show_default=True, type=TIMEOUT, help="Seconds a rank waits for the others before the whole job stops with an error.")
-def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
-        seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, compute, scales, attention,
-        fused_kernels, no_progress, parallel, parallel_timeout) -> None:
+def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, aspect_ratio, steps,
+        guidance_scale, seed, noise_device, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb,
+        plan_only, fp8, fp8_storage, teacache_threshold, teacache_skip_start, teacache_skip_end, teacache_offload_cpu,
+        enhance_a_video, enhance_a_video_skip_start, enhance_a_video_skip_end, loras, lora_strength, compute, scales,
+        attention, fused_kernels, no_progress, parallel, parallel_timeout) -> None:  # fmt: skip
     """Generate a video from a start image (and optionally an end image).
 
     Exit codes: 0 success, 2 bad usage or input, 1 a failure while running, 130 Ctrl-C (see the README)."""
@@ -163,15 +173,11 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         raise click.BadParameter(str(exc), param_hint="--parallel") from exc
     if plan_only:
         dtype = dtype or "bf16"  # plan for the GPU run, also from a machine without one
-    run_options = dict(
-        backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
-        fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
-        lora_strength=lora_strength, vram_budget=vram_budget_gb, parallel=parallel, compute=compute, scales=scales,
-        attention=attention, fused_kernels=fused_kernels,
-    )  # fmt: skip
+    run_options = {**runtime_keywords(click.get_current_context().params), "dtype": dtype, "parallel": parallel}
     video_options = dict(
-        frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
-        guidance_scale=guidance_scale, seed=seed, scheduler=scheduler,
+        frames=frames, resolution=resolution, size=_parse_size(size), camera=camera, motion=motion,
+        aspect_ratio=aspect_ratio, steps=steps, guidance_scale=guidance_scale, seed=seed, noise_device=noise_device,
+        scheduler=scheduler,
     )  # fmt: skip
     try:
         if plan_only:
@@ -196,6 +202,9 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         if parallel is not None:
             parallel.check_guidance(request.guidance_scale > 1.0)  # before any process group forms
         pipe = RuyiPipeline.from_pretrained(model, **run_options)
+        note = request.frames_note(pipe.vae_config.mini_batch_encoder)
+        if note:
+            click.echo(f"note: {note}")
         plan = pipe.plan(request)
         if plan is not None:
             click.echo(plan.describe())
@@ -358,6 +367,17 @@ def build(model, precision, resolution, frames, batch, per_block, attention, wei
     click.echo(f"{'planned' if dry_run else 'build plan'}: {result.plan} ({seconds:.1f} s, peak host RSS {rss:.2f} GiB)")
 
 
+def _parse_lora(text: str, default_strength: float) -> tuple[str, float]:
+    """'file.safetensors:0.8' -> (file, 0.8); a file without ':STRENGTH' gets `default_strength`."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass  # a ':' inside the path (e.g. C:\loras\a.safetensors)
+    return text, default_strength
+
+
 def _parse_size(size: str | None) -> tuple[int, int] | None:
     if size is None:
         return None
@@ -371,8 +391,19 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
 
 # `ruyi-trt run`'s options that say how to run; `serve` takes the same ones (the same click options)
 SERVE_RUN_OPTIONS = ("backend", "device", "dtype", "memory_mode", "offload_steps", "vram_budget_gb", "fp8",
-                     "fp8_storage", "teacache_threshold", "enhance_a_video", "lora", "lora_strength", "compute", "scales",
-                     "attention", "fused_kernels")  # fmt: skip
+                     "fp8_storage", "teacache_threshold", "teacache_skip_start", "teacache_skip_end",
+                     "teacache_offload_cpu", "enhance_a_video", "enhance_a_video_skip_start", "enhance_a_video_skip_end",
+                     "loras", "lora_strength", "compute", "scales", "attention", "fused_kernels")  # fmt: skip
+# click's parameter names that `RuntimeOptions.make` calls otherwise
+MAKE_KEYWORDS = {"vram_budget_gb": "vram_budget", "teacache_threshold": "teacache"}
+
+
+def runtime_keywords(params: dict) -> dict:
+    """The values of run's SERVE_RUN_OPTIONS in `params` (click's) as `RuntimeOptions.make` keywords; the --lora
+    files (FILE[:STRENGTH]) become the `lora` list."""
+    keywords = {MAKE_KEYWORDS.get(name, name): params[name] for name in SERVE_RUN_OPTIONS if name != "loras"}
+    keywords["lora"] = [_parse_lora(text, params["lora_strength"]) for text in params["loras"]] or None
+    return keywords
 
 
 @main.command()
@@ -399,8 +430,7 @@ def serve(model, host, port, data_dir, workers_per_gpu, max_queue, token_file, m
     from .server.config import ServerConfig, read_token
     from .server.main import serve as serve_forever
 
-    run_options["vram_budget"] = run_options.pop("vram_budget_gb")
-    run_options["teacache"] = run_options.pop("teacache_threshold")
+    run_options = runtime_keywords(run_options)
     try:
         config = ServerConfig(
             model=model, data_dir=Path(data_dir), run_options=run_options, host=host, port=port,

@@ -52,7 +52,7 @@ class RuyiTRTLoadModel:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         from ..runtime.loading import BACKENDS, DTYPES, MEMORY_MODES
-        from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES
+        from ..weights.fp8_storage import FP8_MODES, FP8_STORAGE_CHOICES
 
         model_tip = "A folder name under models/Ruyi, a checkpoint path, 'tiny' or 'full-random' (random weights)."
         return {
@@ -62,21 +62,33 @@ class RuyiTRTLoadModel:
                 "dtype": _choice(("auto", *DTYPES), "auto", "auto: bf16 on a GPU (fp16 with ort), fp32 on the CPU."),
                 "memory_mode": _choice(MEMORY_MODES, "auto", "auto plans offload/streaming for the free GPU memory."),
                 "fp8": _choice(FP8_MODES, "none", "Store transformer weights in fp8 (torch backend)."),
-                "fp8_storage": _choice(tuple(FP8_DTYPES), "fp8_e4m3fn"),
+                "fp8_storage": _choice(FP8_STORAGE_CHOICES, "auto", "auto: fp8_e4m3fn, as the original."),
             },
             "optional": {
                 "teacache_threshold": _number("FLOAT", 0.0, 0.0, 1.0, 0.01, "0: off; 0.1 skips about 6-8 of 25 steps."),
+                "teacache_skip_start": _number("INT", 3, 1, 200, 1, "TeaCache: the first n steps are always computed."),
+                "teacache_skip_end": _number("INT", 1, 1, 200, 1, "TeaCache: the last n steps are always computed."),
+                "teacache_offload_cpu": ("BOOLEAN", {"default": True, "tooltip": "Keep TeaCache's tensors on the CPU."}),
+                "enhance_a_video": _number("FLOAT", 0.0, 0.0, 100.0, 0.01, "Enhance-A-Video weight; 0: off (torch)."),
+                "enhance_a_video_skip_start": _number("INT", 0, 0, 200, 1, "Enhance-A-Video: not on the first n steps."),
+                "enhance_a_video_skip_end": _number("INT", 0, 0, 200, 1, "Enhance-A-Video: not on the last n steps."),
             },
         }
 
     def load(self, model: str, backend: str, dtype: str, memory_mode: str, fp8: str, fp8_storage: str,
-             teacache_threshold: float = 0.0) -> tuple[PipelineSpec]:  # fmt: skip
+             teacache_threshold: float = 0.0, teacache_skip_start: int = 3, teacache_skip_end: int = 1,
+             teacache_offload_cpu: bool = True, enhance_a_video: float = 0.0, enhance_a_video_skip_start: int = 0,
+             enhance_a_video_skip_end: int = 0) -> tuple[PipelineSpec]:  # fmt: skip
         from ..runtime.loading import RuntimeOptions
         from ..runtime.session import PipelineSpec
 
+        tea = {"teacache": teacache_threshold, "teacache_skip_start": teacache_skip_start,
+               "teacache_skip_end": teacache_skip_end, "teacache_offload_cpu": teacache_offload_cpu}
+        eav = {"enhance_a_video": enhance_a_video, "enhance_a_video_skip_start": enhance_a_video_skip_start,
+               "enhance_a_video_skip_end": enhance_a_video_skip_end}  # fmt: skip
         options = RuntimeOptions.make(backend=backend, device=host.device(), dtype=None if dtype == "auto" else dtype,
                                       memory_mode=memory_mode, fp8=fp8, fp8_storage=fp8_storage,
-                                      teacache=teacache_threshold or None)  # fmt: skip
+                                      **(tea if teacache_threshold else {}), **(eav if enhance_a_video else {}))  # fmt: skip
         return (PipelineSpec(host.model_folder(model), options),)
 
 
@@ -98,12 +110,10 @@ class RuyiTRTLoadLora:
         }
 
     def load_lora(self, pipeline: PipelineSpec, lora: str, strength: float) -> tuple[PipelineSpec]:
+        """Chain a LoRA after the pipeline's others (merged in order, each with its strength, as the original)."""
         from dataclasses import replace
 
-        if pipeline.options.lora is not None:
-            raise ValueError(f"lora: the pipeline already has the LoRA {pipeline.options.lora}; one LoRA per "
-                             "pipeline (merge them into one file, or remove one Load LoRA node).")  # fmt: skip
-        options = replace(pipeline.options, lora=host.lora_path(lora), lora_strength=strength)
+        options = replace(pipeline.options, loras=(*pipeline.options.loras, (host.lora_path(lora), float(strength))))
         options.validate()
         return (replace(pipeline, options=options),)
 
@@ -125,7 +135,7 @@ class RuyiTRTSampler:
                 "pipeline": (PIPELINE,),
                 "start_image": ("IMAGE", {"tooltip": "A batch of up to 5 images fixes that many leading frames."}),
                 "video_length": _number("INT", 72, 8, MAX_FRAMES, 8),
-                "base_resolution": _choice([str(r) for r in RESOLUTIONS], str(RESOLUTIONS[0])),
+                "base_resolution": _number("INT", 512, RESOLUTIONS[0], RESOLUTIONS[-1], RESOLUTIONS[1] - RESOLUTIONS[0]),
                 "seed": _number("INT", 42, 0, 2**64 - 1, 1),
                 "steps": _number("INT", 25, 1, 200, 1),
                 "cfg": _number("FLOAT", 7.0, 1.0, 20.0, 0.01, "1 turns classifier-free guidance off (faster)."),
@@ -140,7 +150,7 @@ class RuyiTRTSampler:
             },
         }
 
-    def sample(self, pipeline: PipelineSpec, start_image: torch.Tensor, video_length: int, base_resolution: str,
+    def sample(self, pipeline: PipelineSpec, start_image: torch.Tensor, video_length: int, base_resolution: int,
                seed: int, steps: int, cfg: float, scheduler: str, motion: str, camera: str,
                end_image: torch.Tensor | None = None, height: int = 0, width: int = 0) -> tuple[torch.Tensor]:  # fmt: skip
         from ..runtime.request import VideoRequest

@@ -32,7 +32,14 @@ from pathlib import Path
 from ..export import specs as export_specs
 from ..export.specs import EXPORT_DTYPES, ExportSpec, Shape, VideoShape
 from ..models.checkpoint import Checkpoint
-from ..models.geometry import ASPECT_RATIO_512, MAX_FRAMES, SIZE_MULTIPLE, SUPPORTED_RESOLUTIONS, scaled_bucket_size
+from ..models.geometry import (
+    ASPECT_RATIO_512,
+    MAX_FRAMES,
+    RESOLUTION_RULE,
+    SIZE_MULTIPLE,
+    SUPPORTED_RESOLUTIONS,
+    scaled_bucket_size,
+)
 
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
@@ -87,7 +94,7 @@ def resolution_sizes(entries: Sequence[str]) -> list[tuple[int, int]]:
         if entry.isdigit():
             base = int(entry)
             if base not in SUPPORTED_RESOLUTIONS:
-                raise ValueError(f"--resolution: {entry} is not a base resolution; use {SUPPORTED_RESOLUTIONS} or HEIGHTxWIDTH.")
+                raise ValueError(f"--resolution: {entry} is not a base resolution; use {RESOLUTION_RULE} or HEIGHTxWIDTH.")
             new = [_floor16(scaled_bucket_size(key, base)) for key in ASPECT_RATIO_512]
         elif re.fullmatch(r"\d+x\d+", entry):
             height, width = (int(v) for v in entry.split("x"))
@@ -95,7 +102,8 @@ def resolution_sizes(entries: Sequence[str]) -> list[tuple[int, int]]:
                 raise ValueError(f"--resolution: {entry} must be HEIGHTxWIDTH in positive multiples of {SIZE_MULTIPLE}.")
             new = [(height, width)]
         else:
-            raise ValueError(f"--resolution: {entry!r} is unknown; use {SUPPORTED_RESOLUTIONS} (all aspect buckets) or HEIGHTxWIDTH.")
+            raise ValueError(f"--resolution: {entry!r} is unknown; use a base resolution ({RESOLUTION_RULE}: all aspect "
+                             "buckets) or HEIGHTxWIDTH.")
         sizes += [s for s in new if s not in sizes]
     return sizes
 

@@ -188,12 +188,14 @@ def _grid_dims(batch: int, frames: int, grid_height: int, grid_width: int, patch
 
 
 def _conditioning_inputs(cfg: TransformerConfig, dtype: str) -> tuple[TensorSpec, ...]:
-    """The transformer inputs between the latents and RoPE, in the forward's order."""
+    """The transformer inputs between the latents and RoPE, in the forward's order. The timestep and the T5
+    embeddings (like the CLIP tokens in `transformer_spec`) are float32 in every graph dtype, as the torch
+    denoiser keeps them: the model rounds them where the reference does."""
     return (
-        TensorSpec("timestep", ("batch",), dtype, "timestep"),
+        TensorSpec("timestep", ("batch",), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("batch", cfg.text_len, cfg.cross_attention_dim), dtype),
         TensorSpec("text_embedding_mask", ("batch", cfg.text_len), "int64", "ones"),
-        TensorSpec("encoder_hidden_states_t5", ("batch", cfg.text_len_t5, cfg.cross_attention_dim_t5), dtype),
+        TensorSpec("encoder_hidden_states_t5", ("batch", cfg.text_len_t5, cfg.cross_attention_dim_t5), "float32"),
         TensorSpec("text_embedding_mask_t5", ("batch", cfg.text_len_t5), "int64", "ones"),
         TensorSpec("image_meta_size", ("batch", 6), dtype),
         TensorSpec("style", ("batch",), "int64", "zeros"),
@@ -210,7 +212,7 @@ def transformer_spec(cfg: TransformerConfig, vae: VAEConfig, dtype: str, clip_to
         TensorSpec("rope_cos", ("tokens_per_frame", cfg.attention_head_dim), "float32"),
         TensorSpec("rope_sin", ("tokens_per_frame", cfg.attention_head_dim), "float32"),
         TensorSpec("inpaint_latents", (latent[0], 2 * vae.latent_channels, *latent[1:]), dtype),
-        TensorSpec("clip_encoder_hidden_states", ("batch", clip_tokens, cfg.projection_dim), dtype),
+        TensorSpec("clip_encoder_hidden_states", ("batch", clip_tokens, cfg.projection_dim), "float32"),
         TensorSpec("clip_attention_mask", ("batch", cfg.n_query), dtype, "ones"),
     )
     outputs = (TensorSpec("model_output", (latent[0], cfg.output_channels, *latent[1:]), dtype),)
@@ -326,7 +328,8 @@ def vae_decoder_specs(vae: VAEConfig, dtype: str) -> list[ExportSpec]:
 
 # -- image encoder ----------------------------------------------------------------------------------------------
 def image_encoder_spec(image_size: int, tokens: int, hidden: int, dtype: str) -> ExportSpec:
-    """CLIP vision tower: pixel_values [B, 3, S, S] -> patch tokens [B, N, C] (no CLS)."""
+    """CLIP vision tower: pixel_values [B, 3, S, S] -> patch tokens [B, N, C] (no CLS), float32 in every graph
+    dtype (the residual stream is float32, as in the reference under autocast)."""
     pixels = TensorSpec("pixel_values", ("batch", 3, image_size, image_size), dtype)
-    out = TensorSpec("image_tokens", ("batch", tokens, hidden), dtype)
+    out = TensorSpec("image_tokens", ("batch", tokens, hidden), "float32")
     return ExportSpec("image_encoder", (pixels,), (out,), {"batch": 2}, lambda shape: {"batch": shape.batch})

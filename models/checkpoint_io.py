@@ -1,8 +1,10 @@
-"""Reading checkpoint folders: config.json into config dataclasses, safetensors into strict state dicts.
+"""Reading checkpoint folders: config.json into config dataclasses, safetensors into checked state dicts.
 
 Every component folder of a Ruyi checkpoint (`transformer/`, `vae/`, ...) holds a `config.json` and
-weights as one `*.safetensors` file or shards listed by a `*.safetensors.index.json`. Loading is strict:
-a missing, unexpected or mis-shaped key is an error whose message names the first offenders.
+weights as one `*.safetensors` file or shards listed by a `*.safetensors.index.json`. A missing or mis-shaped
+key is an error whose message names the first offenders; an unexpected key (an extra tensor the model does not
+use) is dropped with a warning that names it, as the original's `load_state_dict(strict=False)` loads past it
+(where it also loads past missing keys silently, which we do not).
 """
 
 from __future__ import annotations
@@ -154,17 +156,20 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming the first missing, unexpected and mis-shaped keys, if any."""
+def check_state_dict(
+    expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str
+) -> list[str]:
+    """The unexpected keys of `state` (sorted); CheckpointError naming the first missing and mis-shaped keys (and
+    the first unexpected ones, which often show what a missing key was renamed to) if there are any."""
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = sorted(k for k in state if k not in expected)
     misshaped = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k])
     ]
-    if not (missing or unexpected or misshaped):
-        return
+    if not (missing or misshaped):
+        return unexpected
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:
@@ -185,17 +190,24 @@ def load_into(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.nn.Module:
-    """Load `state` into `module` strictly (the module may live on the meta device).
+    """Load `state` into `module` (the module may live on the meta device): every key the model has must be there
+    with its shape.
 
     `computed` returns the deterministic, non-trained tensors (fixed sin-cos tables) that the released
-    checkpoint may omit; they fill in for missing keys only. Floating tensors are cast to `dtype`.
+    checkpoint may omit; they fill in for missing keys only. Floating tensors are cast to `dtype`. Keys the model
+    does not have are left out, with a warning that names them.
     """
     state = dict(state)
     if computed is not None:
         for key, value in computed().items():
             state.setdefault(key, value)
     expected = {k: v.shape for k, v in module.state_dict(keep_vars=True).items()}
-    check_state_dict(expected, state, source)
+    unexpected = check_state_dict(expected, state, source)
+    if unexpected:
+        log.warning("%s: %d tensor(s) not used by %s, left out: %s", source, len(unexpected),
+                    type(module).__name__, ", ".join(unexpected))  # fmt: skip
+        for key in unexpected:
+            del state[key]
     cast = {
         k: (v.to(device=device, dtype=dtype) if (dtype is not None and v.is_floating_point()) else v.to(device=device))
         for k, v in state.items()

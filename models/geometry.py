@@ -30,7 +30,9 @@ ASPECT_RATIO_512: dict[str, tuple[float, float]] = {
 TABLE_BASE_RESOLUTION = 512
 SIZE_MULTIPLE = 16
 MAX_FRAMES = 120
-SUPPORTED_RESOLUTIONS = (512, 768)
+# The original ComfyUI node's base_resolution: 384..1024 in steps of 16 (512 and 768 are the trained sizes).
+SUPPORTED_RESOLUTIONS = tuple(range(384, 1024 + 1, 16))
+RESOLUTION_RULE = "384..1024 in steps of 16"
 
 
 def closest_ratio_key(image_width: float, image_height: float) -> str:
@@ -81,12 +83,26 @@ def latent_frames(n: int, mini_batch_encoder: int = 8, mini_batch_decoder: int =
     return int(n // mini_batch_encoder * mini_batch_decoder)
 
 
+def check_base_resolution(resolution: int) -> None:
+    """ValueError unless `resolution` is a base resolution the original accepts (384..1024 in steps of 16)."""
+    if isinstance(resolution, bool) or resolution not in SUPPORTED_RESOLUTIONS:
+        raise ValueError(f"resolution must be {RESOLUTION_RULE} (512 and 768 are the trained sizes), got {resolution!r}")
+
+
+def frame_rounding_note(requested: int, rendered: int, mini_batch_encoder: int = 8) -> str | None:
+    """The message for a frame count rounded down to whole VAE chunks (None when nothing was rounded)."""
+    if requested == rendered:
+        return None
+    return (f"frames: {requested} is not a multiple of {mini_batch_encoder}; making {rendered} frames "
+            "(rounded down, as the original does).")  # fmt: skip
+
+
 def validate_request(frames: int, resolution: int, mini_batch_encoder: int = 8) -> int:
     """Check a user's frame count and base resolution; return the frame count that will be rendered.
 
-    Raises TypeError for a non-integer frame count, ValueError for frames < 1 or > 120, for 2..7 frames (the reference would render 0 frames), and for a
-    base resolution other than 512 or 768. A count that is not a multiple of `mini_batch_encoder` is rounded
-    down, with an info log line.
+    Raises TypeError for a non-integer frame count, ValueError for frames < 1 or > 120, for 2..7 frames (the
+    reference would render 0 frames), and for a base resolution outside 384..1024 in steps of 16. A count that
+    is not a multiple of `mini_batch_encoder` is rounded down, with a logged warning.
     """
     if isinstance(frames, bool) or not isinstance(frames, int):
         raise TypeError(f"frames must be an integer from 1 to {MAX_FRAMES}, got {frames!r}")
@@ -98,9 +114,8 @@ def validate_request(frames: int, resolution: int, mini_batch_encoder: int = 8) 
             f"frames={frames} rounds down to 0 frames: use 1 (a single image) or a multiple of "
             f"{mini_batch_encoder} from {mini_batch_encoder} to {MAX_FRAMES}"
         )
-    if resolution not in SUPPORTED_RESOLUTIONS or isinstance(resolution, bool):
-        allowed = " or ".join(str(r) for r in SUPPORTED_RESOLUTIONS)
-        raise ValueError(f"resolution must be {allowed}, got {resolution!r}")
-    if rounded != frames:
-        log.info("frames=%d is not a multiple of %d; rendering %d frames", frames, mini_batch_encoder, rounded)
+    check_base_resolution(resolution)
+    note = frame_rounding_note(frames, rounded, mini_batch_encoder)
+    if note:
+        log.warning("%s", note)
     return rounded

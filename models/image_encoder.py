@@ -3,6 +3,11 @@
 Ruyi feeds the start frame (resized to the video bucket) through CLIPImageProcessor and keeps
 `vision_model(pixel_values).last_hidden_state[:, 1:]`: the patch tokens after the last encoder layer,
 without the CLS token, post-layernorm or projection. Shape [B, (image_size/patch)^2, hidden].
+
+The forward walks transformers' vision tower layer by layer with the precision it has under the reference's
+CUDA autocast, made explicit: the LayerNorms run in float32 and return float32, so the residual stream (from
+pre_layrnorm on) is float32; attention and MLP run in the weights' dtype on their rounded inputs. The output is
+float32 in every dtype (in float32 the result equals transformers' own forward).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .checkpoint_io import CheckpointError, read_config
+from .norms import layer_norm_fp32
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
@@ -42,8 +48,15 @@ class CLIPImageEncoder(nn.Module):
         return self.vision_model.config.image_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_model.vision_model(pixel_values=pixel_values).last_hidden_state
-        return hidden[:, 1:]  # (B, N, hidden): drop CLS
+        """pixel_values [B, 3, S, S] -> last_hidden_state[:, 1:] [B, N, hidden], float32."""
+        tower = self.vision_model.vision_model
+        dtype = tower.embeddings.patch_embedding.weight.dtype
+        hidden = layer_norm_fp32(tower.pre_layrnorm, tower.embeddings(pixel_values.to(dtype)))  # (B, 1+N, C) float32
+        for layer in tower.encoder.layers:
+            attended, _ = layer.self_attn(layer_norm_fp32(layer.layer_norm1, hidden).to(dtype), None, None)
+            hidden = hidden + attended
+            hidden = hidden + layer.mlp(layer_norm_fp32(layer.layer_norm2, hidden).to(dtype))
+        return hidden[:, 1:]  # drop CLS
 
     @classmethod
     def from_pretrained(

@@ -1,5 +1,6 @@
 """Model presets with random weights: `tiny` (a whole checkpoint folder, for tests and the CPU demo)
-and `full-random` (the real Ruyi-Mini-7B architecture, built lazily on the meta device, for GPU benchmarks).
+and `full-random` (the real Ruyi-Mini-7B architecture, built lazily on the meta device, for GPU benchmarks),
+and random transformer-call inputs in the form the pipeline hands them to a denoiser.
 
 Random weights follow one deterministic recipe (the golden files' recipe): matrices N(0,1)/sqrt(fan_in),
 1-D norm weights 1 + 0.1 N(0,1), biases and other vectors 0.1 N(0,1), so no branch is zero.
@@ -20,7 +21,7 @@ from ..files import atomic_folder, file_lock
 from .checkpoint_io import config_to_dict, save_component
 from .control_embeddings import make_random_control_embeddings, save_control_embeddings
 from .image_encoder import CLIPImageEncoder, build_random_image_encoder
-from .transformer import RuyiTransformer3D, TransformerConfig, computed_state
+from .transformer import RuyiTransformer3D, TransformerConfig, computed_state, rotary_embedding
 from .vae import RuyiVAE
 from .vae_config import VAEConfig
 
@@ -162,3 +163,31 @@ def full_random_image_encoder(
         num_layers=clip["num_hidden_layers"], num_heads=clip["num_attention_heads"], seed=seed,
     )  # fmt: skip
     return encoder.to(device=device, dtype=dtype)
+
+
+def random_denoiser_inputs(
+    cfg: TransformerConfig, batch: int, frames: int, height: int, width: int, clip_tokens: int = 16, seed: int = 0
+) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """A CFG batch ([negative, positive] when batch is 2) of transformer-call inputs as the pipeline makes them:
+    float32 tensors (latent `frames` x `height` x `width` cells), the timestep 960.0, partly masked text, and the
+    negative sample's CLIP branch masked out."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = cfg.in_channels // 3
+    mask = torch.ones(batch, cfg.text_len + cfg.text_len_t5, dtype=torch.int64)
+    mask[0, cfg.text_len // 2 :] = 0
+    clip_mask = torch.ones(batch, cfg.n_query)
+    clip_mask[: batch - 1] = 0  # only the last (positive) sample sees the image
+    return {
+        "hidden_states": torch.randn(batch, latent, frames, height, width, generator=gen),
+        "timestep": torch.full((batch,), 960.0),
+        "encoder_hidden_states": torch.randn(batch, cfg.text_len, cfg.cross_attention_dim, generator=gen),
+        "text_embedding_mask": mask[:, : cfg.text_len],
+        "encoder_hidden_states_t5": torch.randn(batch, cfg.text_len_t5, cfg.cross_attention_dim_t5, generator=gen),
+        "text_embedding_mask_t5": mask[:, cfg.text_len :],
+        "image_meta_size": torch.tensor([[1024.0, 1024.0, height * 8, width * 8, 0.0, 0.0]] * batch),
+        "style": torch.zeros(batch, dtype=torch.int64),
+        "image_rotary_emb": rotary_embedding(height, width, cfg.patch_size, cfg.attention_head_dim),
+        "inpaint_latents": torch.randn(batch, 2 * latent, frames, height, width, generator=gen),
+        "clip_encoder_hidden_states": torch.randn(batch, clip_tokens, cfg.projection_dim, generator=gen),
+        "clip_attention_mask": clip_mask,
+    }

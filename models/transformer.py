@@ -7,6 +7,11 @@ so `load_state_dict(strict=True)` accepts it. See docs/ruyi-architecture.md sect
 
 The forward is split for block streaming and per-block export: `embed` (patchify, conditioning, RoPE
 tiling) -> `blocks[i](...)` with explicit tensors, long skips wired by `config.skip_sources` -> `unembed`.
+
+Precision is the reference's under CUDA autocast, made explicit (so exported graphs carry it): the compute
+dtype is the patch embedding's weight dtype; the timestep, the T5 embeddings and the CLIP tokens may come in
+float32 and are rounded where autocast rounds them; `norm_out` returns float32, which is rounded once, at
+`proj_out` (TeaCache's cached residual is that float32 output minus the block input, as in the reference).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint_io import config_from_dict, config_to_dict, load_into, load_weights, read_config
+from .norms import LayerNorm
 from .rope import rotary_embedding
-from .transformer_blocks import NORM_EPS, FP32LayerNorm, TransformerBlock, temporal_table
+from .transformer_blocks import NORM_EPS, TransformerBlock, temporal_table
 from .transformer_conditioning import MLP, Resampler, TimestepTextSizeStyleEmbedding, sincos_2d_table
 
 _GELU_APPROXIMATION = {"gelu": "none", "gelu-approximate": "tanh"}
@@ -187,16 +193,18 @@ class PatchEmbed(nn.Module):
 
 
 class AdaLayerNormContinuous(nn.Module):
-    """norm_out: LN(x) * (1 + scale) + shift, with (scale, shift) = linear(SiLU(temb)), scale first."""
+    """norm_out: LN(x) * (1 + scale) + shift, with (scale, shift) = linear(SiLU(temb)), scale first.
+
+    The LayerNorm returns float32 (the reference's nn.LayerNorm under autocast), so the output is float32."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, dim * 2)
-        self.norm = FP32LayerNorm(dim, eps=NORM_EPS, elementwise_affine=False)
+        self.norm = LayerNorm(dim, eps=NORM_EPS, elementwise_affine=False)
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         scale, shift = self.linear(F.silu(temb.float()).to(x.dtype)).chunk(2, dim=1)  # (B, D) each
-        return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+        return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]  # float32
 
 
 class RuyiTransformer3D(nn.Module):
@@ -290,18 +298,19 @@ class RuyiTransformer3D(nn.Module):
         if height % p or width % p:
             raise ValueError(f"latent height/width {height}x{width} must be multiples of patch_size={p}")
         grid_height, grid_width = height // p, width // p
+        dtype = self.pos_embed.proj.weight.dtype  # the compute dtype
         frames_2d = hidden_states.transpose(1, 2).reshape(batch * frames, channels, height, width)  # (B*F, C, H, W)
-        tokens = self.pos_embed(frames_2d)  # (B*F, hp*wp, D)
+        tokens = self.pos_embed(frames_2d.to(dtype))  # (B*F, hp*wp, D)
         hidden = tokens.reshape(batch, frames * grid_height * grid_width, -1)  # (B, F*hp*wp, D)
 
         # 2. Timestep + pooled T5 + image size + style -> temb (B, D)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
-        temb = self.time_extra_emb(timestep, encoder_hidden_states_t5, image_meta_size, style)
+        temb = self.time_extra_emb(timestep, encoder_hidden_states_t5, image_meta_size, style, dtype)
 
         # 3. Text tokens: cat[emb1, text_embedder(emb2)], masked rows replaced by learned padding
-        t5_states = self.text_embedder(encoder_hidden_states_t5)  # (B, L5, cross_dim)
-        text_states = torch.cat([encoder_hidden_states, t5_states], dim=1)  # (B, L1+L5, cross_dim)
+        t5_states = self.text_embedder(encoder_hidden_states_t5.to(dtype))  # (B, L5, cross_dim)
+        text_states = torch.cat([encoder_hidden_states.to(dtype), t5_states], dim=1)  # (B, L1+L5, cross_dim)
         text_mask = torch.cat([text_embedding_mask, text_embedding_mask_t5], dim=-1).bool()  # (B, L1+L5)
         text_states = torch.where(text_mask[..., None], text_states, self.text_embedding_padding.to(text_states.dtype))
 
@@ -335,7 +344,12 @@ class RuyiTransformer3D(nn.Module):
 
     def unembed(self, x: Tensor, temb: Tensor, num_frames: int, grid_height: int, grid_width: int) -> Tensor:
         """Final adaLN, projection and unpatchify: (B, F*hp*wp, D) -> (B, out_channels, F, H, W)."""
-        return self.unpatchify(self.proj_out(self.norm_out(x, temb)), num_frames, grid_height, grid_width)
+        return self.unpatchify(self.project(self.norm_out(x, temb), temb), num_frames, grid_height, grid_width)
+
+    def project(self, x: Tensor, temb: Tensor) -> Tensor:
+        """proj_out of norm_out's float32 output [B, N, D], rounded to the compute dtype (temb's) first:
+        [B, N, p*p*C_out]."""
+        return self.proj_out(x.to(temb.dtype))
 
     def unpatchify(self, x: Tensor, num_frames: int, grid_height: int, grid_width: int) -> Tensor:
         """(B, F*hp*wp, p*p*C) with feature = (py*p + px)*C + c -> (B, C, F, hp*p, wp*p)."""

@@ -1,8 +1,12 @@
 """The repeated block of the Ruyi transformer (HunyuanDiTBlock, basic type) and its layers.
 
 Submodule names follow the released checkpoint (`attn1.to_q`, `ff.net.0.proj`, `t_embed.pe`, ...).
-Numerics follow the reference under bf16: every LayerNorm runs in float32, the adaLN SiLU runs in
-float32, and RoPE is applied in float32. See docs/ruyi-architecture.md sections 2.3-2.4 and 8.
+Numerics follow the reference as it runs (bf16 weights under CUDA autocast), with explicit casts instead of
+autocast so that exported graphs carry the same precision: every LayerNorm runs in float32; the reference's
+own FP32LayerNorm casts back to its input dtype, while its plain nn.LayerNorms (the q/k norms; `LayerNorm`
+here) return float32, as autocast makes them; the q/k-norm outputs go through RoPE (float32) unrounded and are
+rounded to the compute dtype once, at SDPA's input; the adaLN SiLU runs in float32.
+See docs/ruyi-architecture.md sections 2.3-2.4 and 8.
 
 Shape letters: B batch, N = F*S tokens (F frames, S = hp*wp patches per frame), D model width,
 H heads, d head width, L context length.
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norms import FP32LayerNorm, LayerNorm
 from .rope import apply_rotary
 
 NORM_EPS = 1e-6
@@ -36,15 +41,6 @@ def attention_scale(head_dim: int) -> float:
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """The default `AttentionFn`: F.scaled_dot_product_attention with its scale given as a constant."""
     return F.scaled_dot_product_attention(q, k, v, scale=attention_scale(q.shape[-1]))
-
-
-class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (input, weight and bias upcast), cast back to the input dtype."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 def temporal_table(dim: int, length: int = TEMPORAL_PE_LEN) -> Tensor:
@@ -109,8 +105,8 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(kv_dim, dim)
         self.to_v = nn.Linear(kv_dim, dim)
-        self.norm_q = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
-        self.norm_k = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
+        self.norm_q = LayerNorm(self.head_dim, eps=NORM_EPS)
+        self.norm_k = LayerNorm(self.head_dim, eps=NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.attention_fn: AttentionFn = sdpa
 
@@ -130,22 +126,26 @@ class Attention(nn.Module):
 
         enhance_weight (self-attention only; None: off): Enhance-A-Video. The output is multiplied by
         `enhance_a_video_score(q, k, num_frames, enhance_weight)`, taken from q and k after the QK LayerNorm
-        and before RoPE (reference `HunyuanAttnProcessor2_0_EnhanceAVideo`)."""
+        and before RoPE (reference `HunyuanAttnProcessor2_0_EnhanceAVideo`).
+
+        Precision: q and k leave their LayerNorms in float32 and stay float32 through RoPE; the one rounding to
+        the compute dtype (v's) is at the SDPA input, where autocast puts it in the reference."""
         context = x if context is None else context
         batch = x.shape[0]
         q = self.to_q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, d)
         k = self.to_k(context).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, L, d)
         v = self.to_v(context).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, L, d)
-        q = self.norm_q(q)
-        k = self.norm_k(k)
+        q = self.norm_q(q)  # float32
+        k = self.norm_k(k)  # float32
         score = None
         if enhance_weight is not None:
             if not self.rotate_keys:
                 raise ValueError("Enhance-A-Video applies to self-attention only.")
-            score = enhance_a_video_score(q, k, num_frames, enhance_weight)
+            score = enhance_a_video_score(q, k, num_frames, enhance_weight, v.dtype)
         q = apply_rotary(q, cos, sin)
         if self.rotate_keys:
             k = apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast's cast at SDPA: the only rounding of q and k
         out = (attend or self.attention_fn)(q, k, v)  # (B, H, N, d), scale d^-0.5
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)  # (B, N, D)
         out = self.to_out[0](out)
@@ -154,15 +154,18 @@ class Attention(nn.Module):
         return out
 
 
-def enhance_a_video_score(q: Tensor, k: Tensor, num_frames: int, weight: float) -> Tensor | None:
+def enhance_a_video_score(
+    q: Tensor, k: Tensor, num_frames: int, weight: float, dtype: torch.dtype | None = None
+) -> Tensor | None:
     """Enhance-A-Video's temperature score, a 0-dim float32 tensor (reference `enhance_score`).
 
     q, k [B, H, F*S, d] (frame-major tokens, after the QK LayerNorm, before RoPE). For every batch
     entry, spatial position and head, the frame-to-frame attention softmax((q_f * d^-0.5) k_f^T) in
-    float32 ([B*S, H, F, F]; the product itself in the input dtype, as in the reference) gives the mean
-    of its F*F - F off-diagonal entries. The score is the mean of those means over the whole batch, heads
-    and positions, times (F + weight), clamped to >= 1. With a single frame there is no off-diagonal
-    entry (the reference divides by zero and yields NaN): None, i.e. no scaling.
+    float32 ([B*S, H, F, F]; the product itself in `dtype`, the compute dtype, where autocast runs the
+    reference's matmul; default: q's dtype) gives the mean of its F*F - F off-diagonal entries. The score is
+    the mean of those means over the whole batch, heads and positions, times (F + weight), clamped to >= 1.
+    With a single frame there is no off-diagonal entry (the reference divides by zero and yields NaN):
+    None, i.e. no scaling.
     """
     if num_frames < 2:
         return None
@@ -170,7 +173,8 @@ def enhance_a_video_score(q: Tensor, k: Tensor, num_frames: int, weight: float) 
     spatial = tokens // num_frames
     q_frames = q.reshape(batch, heads, num_frames, spatial, head_dim).permute(0, 3, 1, 2, 4)  # (B, S, H, F, d)
     k_frames = k.reshape(batch, heads, num_frames, spatial, head_dim).permute(0, 3, 1, 2, 4)
-    attn = (q_frames * head_dim**-0.5) @ k_frames.transpose(-2, -1)  # (B, S, H, F, F)
+    dtype = dtype or q.dtype
+    attn = (q_frames * head_dim**-0.5).to(dtype) @ k_frames.to(dtype).transpose(-2, -1)  # (B, S, H, F, F)
     attn = attn.float().softmax(dim=-1).reshape(-1, num_frames, num_frames)
     diagonal = torch.eye(num_frames, dtype=torch.bool, device=attn.device)
     off_diagonal_sum = attn.masked_fill(diagonal, 0).sum(dim=(1, 2))

@@ -4,6 +4,11 @@ These run once per forward, outside the blocks: `time_extra_emb` gives `temb` [B
 projects the T5-like tokens to the text width, and `clip_projection` (a perceiver resampler) turns the
 CLIP patch tokens into n_query tokens. Module names follow the released checkpoint.
 See docs/ruyi-architecture.md section 2.6.
+
+Precision follows the reference under CUDA autocast, with explicit casts: inputs may arrive in float32 (the CLIP
+tokens, the stored T5 embeddings) and are rounded to the compute dtype where autocast would round them, at the
+projections; the resampler's ln_q/ln_kv return float32, and its attention runs as nn.MultiheadAttention does
+under autocast (scores in the compute dtype, softmax in float32).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from .transformer_blocks import FP32LayerNorm, attention_scale
+from .norms import LayerNorm
+from .transformer_blocks import attention_scale
 
 SINUSOID_DIM = 256  # width of the timestep and image-size sinusoids
 META_VALUES = 6  # image_meta_size: original h, w, target h, w, crop top, left
@@ -45,7 +52,10 @@ class MLP(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    """pooler: attention pooling of the T5 tokens with the mean token as the only query (no mask)."""
+    """pooler: attention pooling of the T5 tokens with the mean token as the only query (no mask).
+
+    The mean and the positional embedding are added in the input's dtype (the stored embeddings' dtype in the
+    reference); the sum is rounded to `dtype` at the projections."""
 
     def __init__(self, seq_len: int, dim: int, out_dim: int, heads: int = POOL_HEADS):
         super().__init__()
@@ -56,10 +66,10 @@ class AttentionPool(nn.Module):
         self.c_proj = nn.Linear(dim, out_dim)
         self.heads, self.head_dim = heads, dim // heads
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, L, C] -> [B, out_dim]."""
+    def forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """x [B, L, C] -> [B, out_dim] in `dtype`, the compute dtype."""
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+L, C)
-        x = x + self.positional_embedding[None].to(x.dtype)
+        x = (x + self.positional_embedding[None].to(x.dtype)).to(dtype)
         heads = (self.heads, self.head_dim)
         q = self.q_proj(x[:, :1]).unflatten(-1, heads).transpose(1, 2)  # (B, h, 1, C/h)
         k = self.k_proj(x).unflatten(-1, heads).transpose(1, 2)  # (B, h, 1+L, C/h)
@@ -79,12 +89,14 @@ class TimestepTextSizeStyleEmbedding(nn.Module):
         self.style_embedder = nn.Embedding(1, dim)
         self.extra_embedder = MLP(SINUSOID_DIM * META_VALUES + dim + pooled_dim, dim * 4, dim, fp32_act=True)
 
-    def forward(self, timestep: Tensor, t5_states: Tensor, image_meta_size: Tensor, style: Tensor) -> Tensor:
-        """timestep [B], t5_states [B, L5, C5] (raw, unmasked), image_meta_size [B, 6], style [B] -> [B, D]."""
-        dtype = self.timestep_embedder.linear_1.weight.dtype
+    def forward(
+        self, timestep: Tensor, t5_states: Tensor, image_meta_size: Tensor, style: Tensor, dtype: torch.dtype
+    ) -> Tensor:
+        """timestep [B] (float32: exact, or already rounded by the pipeline), t5_states [B, L5, C5] (raw, unmasked,
+        any float dtype), image_meta_size [B, 6], style [B] -> [B, D] in `dtype`, the compute dtype."""
         batch = t5_states.shape[0]
         t_emb = self.timestep_embedder(timestep_sinusoid(timestep).to(dtype))  # (B, D)
-        pooled = self.pooler(t5_states)  # (B, pooled_dim)
+        pooled = self.pooler(t5_states, dtype)  # (B, pooled_dim)
         meta = timestep_sinusoid(image_meta_size.reshape(-1)).to(dtype).reshape(batch, -1)  # (B, 6*256)
         style_emb = self.style_embedder(style)  # (B, D)
         return t_emb + self.extra_embedder(torch.cat([pooled, meta, style_emb], dim=1))
@@ -106,25 +118,29 @@ def sincos_2d_table(dim: int, grid_size: int) -> Tensor:
 
 
 class ResamplerAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (in_proj_weight/bias, out_proj), batch-first, via SDPA."""
+    """nn.MultiheadAttention (in_proj_weight/bias, out_proj of torch's NonDynamicallyQuantizableLinear class),
+    batch-first, computed as the reference's does under autocast (need_weights path): inputs rounded to the
+    weights' dtype at the projections, scores q k^T / sqrt(d) in that dtype, softmax in float32."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.in_proj_weight = nn.Parameter(torch.randn(3 * dim, dim) / dim**0.5)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = NonDynamicallyQuantizableLinear(dim, dim)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        """query [B, Q, E], key/value [B, L, E] -> [B, Q, E]."""
+        """query [B, Q, E], key/value [B, L, E] (any float dtype) -> [B, Q, E] in the weights' dtype."""
+        dtype = self.in_proj_weight.dtype
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         heads = (self.heads, self.head_dim)
-        q = F.linear(query, w_q, b_q).unflatten(-1, heads).transpose(1, 2)  # (B, h, Q, E/h)
-        k = F.linear(key, w_k, b_k).unflatten(-1, heads).transpose(1, 2)  # (B, h, L, E/h)
-        v = F.linear(value, w_v, b_v).unflatten(-1, heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attention_scale(self.head_dim))
-        out = out.transpose(1, 2).flatten(2)  # (B, Q, E)
+        q = F.linear(query.to(dtype), w_q, b_q).unflatten(-1, heads).transpose(1, 2)  # (B, h, Q, E/h)
+        k = F.linear(key.to(dtype), w_k, b_k).unflatten(-1, heads).transpose(1, 2)  # (B, h, L, E/h)
+        v = F.linear(value.to(dtype), w_v, b_v).unflatten(-1, heads).transpose(1, 2)
+        scores = (q * attention_scale(self.head_dim)) @ k.transpose(-2, -1)  # (B, h, Q, L)
+        weights = scores.float().softmax(dim=-1).to(dtype)
+        out = (weights @ v).transpose(1, 2).flatten(2)  # (B, Q, E)
         return self.out_proj(out)
 
 
@@ -142,8 +158,8 @@ class Resampler(nn.Module):
         self.query = nn.Parameter(torch.randn(grid_size**2, dim) * 0.02)
         self.kv_proj = nn.Linear(kv_dim, dim, bias=False) if kv_dim != dim else None
         self.attn = ResamplerAttention(dim, heads)
-        self.ln_q = FP32LayerNorm(dim, eps=1e-5)
-        self.ln_kv = FP32LayerNorm(dim, eps=1e-5)
+        self.ln_q = LayerNorm(dim, eps=1e-5)
+        self.ln_kv = LayerNorm(dim, eps=1e-5)
 
     def key_pos_embed(self, num_tokens: int) -> Tensor:
         """pos_embed resized to the int(sqrt(num_tokens))^2 key grid: [num_tokens, dim]."""
@@ -155,11 +171,13 @@ class Resampler(nn.Module):
         return grid.permute(0, 2, 3, 1).flatten(0, 2).to(self.pos_embed.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [B, L, kv_dim] CLIP patch tokens (L a square) -> [B, n_query, dim]."""
+        """x [B, L, kv_dim] CLIP patch tokens (L a square; float32 from the image encoder) -> [B, n_query, dim].
+
+        ln_q/ln_kv return float32, so queries, keys and values reach the attention's projections unrounded."""
         batch = x.shape[0]
         key_pos = self.key_pos_embed(x.shape[1])  # (L, E)
         if self.kv_proj is not None:
-            x = self.kv_proj(x)
-        kv = self.ln_kv(x)  # (B, L, E)
-        q = (self.ln_q(self.query) + self.pos_embed).expand(batch, -1, -1)  # (B, Q, E)
+            x = self.kv_proj(x.to(self.attn.in_proj_weight.dtype))
+        kv = self.ln_kv(x)  # (B, L, E) float32
+        q = (self.ln_q(self.query) + self.pos_embed).expand(batch, -1, -1)  # (B, Q, E) float32
         return self.attn(q, kv + key_pos, kv)

@@ -15,6 +15,10 @@ SpatialTemporal upsamplers then leave time alone, so one latent decodes to one f
 
 The reference pads in float32 and casts back; zero and replicate padding copy values exactly, so only
 replicate padding (which has no half-precision CPU kernel) goes through float32 here. Results are identical.
+
+Precision is the reference's under CUDA autocast, made explicit: GroupNorm runs and returns float32 (as
+autocast makes nn.GroupNorm), the activation after it runs on that float32 output, and every conv and linear
+rounds its input to its weight dtype. So GroupNorm + SiLU are rounded once, at the next conv.
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ class CausalConv3d(nn.Conv3d):
         self.symmetric_frames = 1
 
     def forward(self, x: Tensor, pad: TimePadding) -> Tensor:
+        """x in any float dtype (float32 after GroupNorm + activation): padded as it is, rounded to the weight
+        dtype at the conv; the cache keeps x's dtype, as the reference's `prev_features` do."""
         if pad.mode == "zeros":
             p = self.symmetric_frames
-            return super().forward(F.pad(x, (0, 0, 0, 0, p, p)))
+            return super().forward(F.pad(x, (0, 0, 0, 0, p, p)).to(self.weight.dtype))
         if self.stride[0] != 1:
             raise ValueError("the causal cache is only defined for convs with temporal stride 1 (decoder convs)")
         prev = pad.take_cache()
@@ -71,21 +77,25 @@ class CausalConv3d(nn.Conv3d):
         else:
             x = torch.cat([prev.to(x.dtype), x], dim=2)
         pad.cache_out.append(x[:, :, -self.causal_frames :])
-        return super().forward(x)
+        return super().forward(x.to(self.weight.dtype))
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm on (B, C, T, H, W); `per_frame` normalises every frame alone, as (B*T, C, H, W)."""
+    """GroupNorm on (B, C, T, H, W) (or (B, C, L)), computed and returned in float32 as nn.GroupNorm runs under
+    autocast; `per_frame` normalises every frame alone, as (B*T, C, H, W)."""
 
     def __init__(self, num_groups: int, num_channels: int, per_frame: bool):
         super().__init__(num_groups, num_channels, eps=NORM_EPS)
         self.per_frame = per_frame
 
+    def normalize(self, x: Tensor) -> Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.per_frame:
-            return super().forward(x)
+            return self.normalize(x)
         b, c, t, h, w = x.shape
-        y = super().forward(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B*T, C, H, W)
+        y = self.normalize(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B*T, C, H, W)
         return y.reshape(b, t, c, h, w).transpose(1, 2)
 
 
@@ -131,7 +141,7 @@ class Attention(nn.Module):
         self.head_dim = channels // num_heads
         self.heads = channels // self.head_dim
         inner = self.head_dim * self.heads
-        self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
+        self.group_norm = GroupNorm(groups, channels, per_frame=False)
         self.to_q = nn.Linear(channels, inner)
         self.to_k = nn.Linear(channels, inner)
         self.to_v = nn.Linear(channels, inner)
@@ -141,7 +151,7 @@ class Attention(nn.Module):
         b, c, t, h, w = x.shape
         seqs, length = (b * t, h * w) if self.kind == "spatial" else (b, t * h * w)
         tokens = x.permute(0, 2, 3, 4, 1).reshape(seqs, length, c)  # (B*T, H*W, C) or (B, T*H*W, C)
-        y = self.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        y = self.group_norm(tokens.transpose(1, 2)).transpose(1, 2).to(self.to_q.weight.dtype)
         q, k, v = (
             proj(y).view(seqs, length, self.heads, self.head_dim).transpose(1, 2)
             for proj in (self.to_q, self.to_k, self.to_v)

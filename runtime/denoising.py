@@ -1,7 +1,9 @@
-"""The pieces of the denoising loop: fixed transformer inputs, one guided step, posterior sampling.
+"""The pieces of the denoising loop: initial noise, fixed transformer inputs, one guided step, posterior sampling.
 
 They follow the reference `RuyiInpaintPipeline.__call__` (docs/ruyi-architecture.md section 6); the loop that
-strings them together is `RuyiPipeline.run` (runtime/pipeline.py).
+strings them together is `RuyiPipeline.run` (runtime/pipeline.py). Dtypes follow the reference too: the latents
+live in the stored control embeddings' dtype (in bf16/fp16 runs), the timestep is cast to it before the model,
+and classifier-free guidance combines the model's output in the model's dtype.
 """
 
 from __future__ import annotations
@@ -9,6 +11,31 @@ from __future__ import annotations
 import torch
 
 from ..models.transformer import TransformerConfig, rotary_embedding
+
+NOISE_DEVICES = ("cpu", "cuda")
+
+
+def latent_dtype(run_dtype: torch.dtype, embeddings_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the latents, the scheduler's arithmetic and the timestep's rounding.
+
+    The reference keeps its latents in the stored embeddings' dtype (`prepare_latents(prompt_embeds.dtype)`)
+    while the model runs bf16; runs in bf16/fp16 do the same. fp32 runs (ours only) keep everything in fp32."""
+    return torch.float32 if run_dtype == torch.float32 else embeddings_dtype
+
+
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype, sigma: float
+) -> torch.Tensor:
+    """The initial latents N(0, 1) * `sigma` (the scheduler's init_noise_sigma), the run generator's first draw.
+
+    A CUDA generator draws on the GPU in `dtype`, as the reference's `torch.Generator("cuda")` does, so a seed
+    gives its noise on the same GPU; a CPU generator draws float32 on the CPU (the same numbers on every machine
+    and in every dtype), then casts."""
+    if generator.device.type == "cuda":
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    else:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype=dtype)
+    return (noise * sigma).to(device)
 
 
 def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -83,10 +110,13 @@ def denoise_step(
     latent_channels: int,
     step_kwargs: dict,
 ) -> torch.Tensor:
-    """One loop iteration: scale input, call the denoiser on the CFG batch, guide, scheduler step."""
+    """One loop iteration: scale input, call the denoiser on the CFG batch, guide, scheduler step.
+
+    The timestep is cast to the latents' dtype (bf16 rounds 961 to 960, as in the reference) and handed over as
+    float32 holding that value."""
     batch = inputs["style"].shape[0]
     model_in = scheduler.scale_model_input(torch.cat([latents] * batch), t)
-    timestep = torch.as_tensor(t).reshape(1).expand(batch).float()
+    timestep = torch.as_tensor(t).reshape(1).expand(batch).to(model_in.dtype).float()
     output = denoiser(hidden_states=model_in, timestep=timestep, **inputs)
     velocity = guided_velocity(output.to(latents.device), guidance_scale, latent_channels)
     return scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..models.image_encoder import CLIPImageEncoder
 from ..models.transformer import RuyiTransformer3D
 from ..models.vae import RuyiVAE
 from ..models.vae_tiling import SpatialTiling
-from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, store_weights_fp8
+from ..weights.fp8_storage import FP8_DTYPES, FP8_MODES, resolve_fp8_storage, store_weights_fp8
 from ..weights.lora import check_lora_file, load_lora, merge_lora
 from .backends.block_runner import BlockRunner, EnhanceAVideoSettings, TeaCacheSettings
 from .backends.fast_compute import FastCompute, apply_fast_compute
@@ -37,7 +38,7 @@ from .memory.plan import (
     plan_memory,
 )
 from .parallel.config import ParallelConfig
-from .request import check_number
+from .request import MAX_STEPS, check_number
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ MIN_VRAM_BUDGET_GB, MAX_VRAM_BUDGET_GB = 0.5, 4096.0
 MAX_LORA_STRENGTH = 100.0
 
 
+LoraSpec = tuple[str, float]  # (path of a kohya-style .safetensors file, strength)
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How to run: backend, device, dtype and the reference's memory/speed options.
@@ -60,9 +64,10 @@ class RuntimeOptions:
     and the device budget (`runtime.memory_plan`). offload_steps is the reference's GPU_offload_steps
     (long-skip activations moved to the host in groups of k; None: 0, or the planner's choice in auto).
     vram_budget_gb caps what the plan may use (GiB; default: the GPU's free memory).
-    enhance_a_video is Enhance-A-Video's weight (None: off; torch backend only): every block's self-attention
-    output is scaled by a temporal score on every step (the reference's defaults, no skipped steps;
-    `runtime.block_runner.EnhanceAVideoSettings`).
+    teacache_*: TeaCache (threshold None: off) with the reference's skip_start_steps, skip_end_steps (each >= 1)
+    and offload_cpu (its cached tensors kept in host memory). enhance_a_video is Enhance-A-Video's weight (None:
+    off; torch backend only) with the reference's skip_start_steps/skip_end_steps (`EnhanceAVideoSettings`).
+    loras: LoRAs merged in order, each with its own strength (the reference's LoRA list).
     parallel spreads one video over the processes of a torchrun job (torch backend; `runtime.parallel`);
     each rank then runs on its own device (cuda:LOCAL_RANK, or the CPU).
     compute / attention / scales / fused_kernels: the torch backend's 8-bit GEMMs (fp8, int8), FP8 attention kernel
@@ -78,10 +83,14 @@ class RuntimeOptions:
     fp8: str = "none"
     fp8_storage: str = "fp8_e4m3fn"
     teacache_threshold: float | None = None
-    lora: str | None = None
-    lora_strength: float = 1.0
+    teacache_skip_start: int = 3
+    teacache_skip_end: int = 1
+    teacache_offload_cpu: bool = True
+    loras: tuple[LoraSpec, ...] = ()
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
+    enhance_a_video_skip_start: int = 0
+    enhance_a_video_skip_end: int = 0
     parallel: ParallelConfig | None = None
     compute: str = "none"
     attention: str = "sdpa"
@@ -102,10 +111,15 @@ class RuntimeOptions:
         vram_budget: float | None = None,
         offload_steps: int | None = None,
         fp8: str = "auto",
-        fp8_storage: str = "fp8_e4m3fn",
+        fp8_storage: str = "auto",
         teacache: float | None = None,
+        teacache_skip_start: int | None = None,
+        teacache_skip_end: int | None = None,
+        teacache_offload_cpu: bool | None = None,
         enhance_a_video: float | None = None,
-        lora: str | Path | None = None,
+        enhance_a_video_skip_start: int | None = None,
+        enhance_a_video_skip_end: int | None = None,
+        lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
         lora_strength: float = 1.0,
         parallel: ParallelConfig | str | None = None,
         compute: str = "none",
@@ -114,21 +128,34 @@ class RuntimeOptions:
         fused_kernels: bool = False,
     ) -> RuntimeOptions:
         """Validated options from `RuyiPipeline.from_pretrained`'s keywords: device defaults to cuda when a GPU is
-        visible (else cpu), dtype to `default_dtype(device, backend)`; `parallel` is a ParallelConfig or its
-        `ulysses=N[,ring=M][,cfg=2]` string."""
+        visible (else cpu), dtype to `default_dtype(device, backend)`, fp8_storage "auto" to fp8_e4m3fn;
+        `parallel` is a ParallelConfig or its `ulysses=N[,ring=M][,cfg=2]` string.
+
+        `lora` is one LoRA file or a list of files and (file, strength) pairs, merged in that order; files given
+        without a strength get `lora_strength`. The TeaCache / Enhance-A-Video step options (None: the
+        reference's defaults) need their feature turned on."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tea = {"teacache_skip_start": teacache_skip_start, "teacache_skip_end": teacache_skip_end,
+               "teacache_offload_cpu": teacache_offload_cpu}  # fmt: skip
+        eav = {"enhance_a_video_skip_start": enhance_a_video_skip_start,
+               "enhance_a_video_skip_end": enhance_a_video_skip_end}  # fmt: skip
+        for feature, on, settings in (("teacache", teacache, tea), ("enhance_a_video", enhance_a_video, eav)):
+            given = sorted(name for name, value in settings.items() if value is not None)
+            if given and on is None:
+                raise ValueError(f"{given[0]}: applies only with {feature} turned on; give {feature} too.")
         options = cls(
             backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
-            offload_steps=offload_steps, fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache,
-            lora=str(lora) if lora is not None else None, lora_strength=lora_strength, vram_budget_gb=vram_budget,
+            offload_steps=offload_steps, fp8=fp8, fp8_storage=resolve_fp8_storage(fp8_storage),
+            teacache_threshold=teacache, loras=lora_list(lora, lora_strength), vram_budget_gb=vram_budget,
             enhance_a_video=enhance_a_video,
             parallel=ParallelConfig.parse(parallel) if isinstance(parallel, str) else parallel,
             compute=compute, scales=str(scales) if scales is not None else None, attention=attention,
             fused_kernels=fused_kernels,
+            **{name: value for name, value in {**tea, **eav}.items() if value is not None},
         )  # fmt: skip
         options.validate()
-        if options.lora is not None:
-            check_lora_file(options.lora)  # before minutes of loading
+        for path, _ in options.loras:
+            check_lora_file(path)  # before minutes of loading
         return options
 
     def validate(self) -> None:
@@ -148,6 +175,10 @@ class RuntimeOptions:
             raise ValueError(f"teacache_threshold: {self.teacache_threshold} must be within (0, 1].")
         if self.enhance_a_video is not None:
             check_number("enhance_a_video", self.enhance_a_video, 0.0, 100.0)  # the reference suggests < 10
+        for name in ("teacache_skip_start", "teacache_skip_end"):
+            check_number(name, getattr(self, name), 1, MAX_STEPS, integer=True)  # the first/last step always computed
+        for name in ("enhance_a_video_skip_start", "enhance_a_video_skip_end"):
+            check_number(name, getattr(self, name), 0, MAX_STEPS, integer=True)
         if self.enhance_a_video is not None and self.backend != "torch":
             raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
                              "use --backend torch.")
@@ -158,12 +189,13 @@ class RuntimeOptions:
                              "holds under --parallel; drop one of them.")
         if self.vram_budget_gb is not None:
             check_number("vram_budget_gb", self.vram_budget_gb, MIN_VRAM_BUDGET_GB, MAX_VRAM_BUDGET_GB)
-        check_number("lora_strength", self.lora_strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH)
+        for _, strength in self.loras:
+            check_number("lora_strength", strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH)
         if self.backend == "ort" and self.dtype == "bf16":
             raise ValueError("dtype: bf16 is not supported by backend ort (ONNX Runtime's Python API has no bfloat16 "
                              "arrays); use fp16 or fp32.")
         if self.backend == "ort":
-            torch_only = {"fp8": self.fp8 not in ("none", "auto"), "lora": self.lora is not None, "offload_steps": bool(self.offload_steps),
+            torch_only = {"fp8": self.fp8 not in ("none", "auto"), "lora": bool(self.loras), "offload_steps": bool(self.offload_steps),
                           "teacache": self.teacache_threshold is not None,
                           "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # ORT places its own memory
             used = [name for name, on in torch_only.items() if on]
@@ -195,6 +227,51 @@ class RuntimeOptions:
         reason = fast.unavailable_reason(device)
         if reason:
             raise ValueError(reason)
+
+    @property
+    def teacache(self) -> TeaCacheSettings | None:
+        """The TeaCache settings to run with (None: off)."""
+        if self.teacache_threshold is None:
+            return None
+        return TeaCacheSettings(self.teacache_threshold, self.teacache_skip_start, self.teacache_skip_end,
+                                self.teacache_offload_cpu)  # fmt: skip
+
+    @property
+    def enhance_a_video_settings(self) -> EnhanceAVideoSettings | None:
+        """The Enhance-A-Video settings to run with (None: off)."""
+        if self.enhance_a_video is None:
+            return None
+        return EnhanceAVideoSettings(self.enhance_a_video, self.enhance_a_video_skip_start,
+                                     self.enhance_a_video_skip_end)  # fmt: skip
+
+
+def lora_list(
+    lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None, strength: float = 1.0
+) -> tuple[LoraSpec, ...]:
+    """((path, strength), ...) from one path, or a list of paths and (path, strength) pairs."""
+    if lora is None:
+        return ()
+    entries = [lora] if isinstance(lora, (str, Path)) else list(lora)
+    loras = []
+    for entry in entries:
+        if not isinstance(entry, (str, Path)) and not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise ValueError(f"lora: {entry!r} is neither a file nor a (file, strength) pair.")
+        path, value = (entry, strength) if isinstance(entry, (str, Path)) else entry
+        loras.append((str(path), value))  # the strength is checked by `RuntimeOptions.validate`
+    return tuple(loras)
+
+
+def transformer_precision(options: RuntimeOptions, fp8: str) -> str:
+    """What the torch transformer computes in, for the run summary: the run dtype, then the FP8 weight storage
+    (`fp8`: the plan's mode), 8-bit GEMMs and the attention kernel when they are on."""
+    parts = [options.dtype]
+    if fp8 != "none" and options.compute == "none":
+        parts.append(f"fp8 {fp8} weights ({options.fp8_storage})")
+    if options.compute != "none":
+        parts.append(f"{options.compute} GEMMs ({'calibrated' if options.scales else 'dynamic'} scales)")
+    if options.attention != "sdpa":
+        parts.append(f"{options.attention} attention")
+    return ", ".join(parts)
 
 
 def default_dtype(device: str, backend: str) -> str:
@@ -255,8 +332,9 @@ def memory_plan(
     stored_fp8 = options.fp8 if options.compute == "none" else "strong"
     request = PlanRequest(
         height=height, width=width, frames=frames, cfg=cfg, dtype=options.dtype, fp8=stored_fp8,
-        teacache=options.teacache_threshold is not None, steps=steps, memory_mode=options.memory_mode,
-        offload_steps=options.offload_steps, budget_bytes=budget,
+        # TeaCache's cached tensors take device memory unless they are kept on the host (offload_cpu)
+        teacache=options.teacache_threshold is not None and not options.teacache_offload_cpu, steps=steps,
+        memory_mode=options.memory_mode, offload_steps=options.offload_steps, budget_bytes=budget,
         sequence_parallel=options.parallel.sequence if options.parallel else 1,
         cfg_parallel=bool(options.parallel and options.parallel.cfg > 1),
     )  # fmt: skip
@@ -273,8 +351,7 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
-        lora = (options.lora, options.lora_strength) if options.lora else None
-        return trt_components(checkpoint, options.dtype, plan, False, lora)
+        return trt_components(checkpoint, options.dtype, plan, False, options.loras)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     settings = run_settings(options, checkpoint.transformer.num_layers, plan)
     # Models are loaded to the host first whenever something stays there between uses.
@@ -296,17 +373,16 @@ def assemble_torch_components(
     settings: PlanSettings,
     scales_hash: str | None = None,
 ) -> Components:
-    """The torch backend over loaded modules: LoRA merged, the plan's FP8 storage and VAE tiling applied, 8-bit
+    """The torch backend over loaded modules: the LoRAs merged, the plan's FP8 storage and VAE tiling applied, 8-bit
     compute swapped in (`scales_hash`: the transformer weights' hash a scales file must match), and the block
     runner that executes the memory settings (per rank under --parallel)."""
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
-    if options.lora:
-        lora_state = load_lora(options.lora)
+    for path, strength in options.loras:  # in order, each rounded into the weights' dtype, as the reference
         try:
-            merged = merge_lora(transformer, lora_state, options.lora_strength)
+            merged = merge_lora(transformer, load_lora(path), strength)
         except ValueError as exc:
-            raise ValueError(f"lora: {options.lora} does not fit this model: {exc}") from exc
-        log.info("LoRA %s merged into %d layers (strength %s)", options.lora, len(merged), options.lora_strength)
+            raise ValueError(f"lora: {path} does not fit this model: {exc}") from exc
+        log.info("LoRA %s merged into %d layers (strength %s)", path, len(merged), strength)
     if settings.fp8 != "none" and options.compute == "none":  # the plan's choice (options.fp8, or what auto picked)
         count = store_weights_fp8(transformer, settings.fp8, transformer.config.hidden_size, options.fp8_storage)
         log.info("FP8 (%s, %s): %d transformer layers stored in fp8", settings.fp8, options.fp8_storage, count)
@@ -329,15 +405,14 @@ def assemble_torch_components(
         skip_offload_group=settings.skip_offload_group,
         cfg_split=settings.cfg_split,
         offload_between_runs=offload_models,
-        teacache=TeaCacheSettings(threshold=options.teacache_threshold) if options.teacache_threshold else None,
-        enhance_a_video=(
-            EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
-        ),
+        teacache=options.teacache,
+        enhance_a_video=options.enhance_a_video_settings,
         **context,
     )
     components = torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
     )
+    components.precision["transformer"] = transformer_precision(options, settings.fp8)
     if options.parallel is not None:
         from .parallel import spread_vae
 

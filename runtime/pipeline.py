@@ -3,9 +3,10 @@
 image -> bucket + conditioning video -> VAE encode (inpaint latents) + CLIP tokens -> control embeddings
 -> denoising loop (classifier-free guidance, scheduler; the backend's denoiser) -> VAE decode (+ seam smoothing)
 -> video. The steps follow the reference `RuyiInpaintPipeline.__call__` as driven by `predict_i2v.py`
-(docs/ruyi-architecture.md section 6). One deliberate change: the reference draws the conditioning latents from
-the VAE posterior with the unseeded global RNG; we draw them with the run's seeded generator, so a seed fully
-determines the video.
+(docs/ruyi-architecture.md section 6), dtypes and random draws included (the initial noise is the seeded
+generator's first draw, on the CPU or, like the reference, on the GPU). One deliberate change: the reference draws
+the conditioning latents from the VAE posterior with the unseeded global RNG; we draw them with a seeded CPU
+generator, so a seed fully determines the video.
 
 `from_pretrained` reads the checkpoint's configs once (`models.checkpoint.Checkpoint`) and loads the weights
 right away, except when the memory plan depends on the video (memory_mode auto on a GPU or with a VRAM budget):
@@ -25,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.checkpoint import Checkpoint
-from ..models.control_embeddings import ControlEmbeddings
+from ..models.control_embeddings import DEFAULT_ASPECT, ControlEmbeddings
 from ..models.scheduler import load_scheduler, timesteps_for
 from ..models.transformer import TransformerConfig
 from ..models.vae_config import VAEConfig
 from .backends.protocol import Components
 from .conditioning import clip_pixel_values, image_to_video_condition, prepare_mask_and_masked_video
-from .denoising import denoise_step, sample_posterior, transformer_conditioning
+from .denoising import denoise_step, initial_noise, latent_dtype, sample_posterior, transformer_conditioning
 from .loading import RuntimeOptions, load_components, memory_plan, plan_depends_on_video
 from .memory.plan import MemoryPlan
 from .parallel import ParallelContext, ParallelError, join
@@ -101,9 +102,12 @@ class RuyiPipeline:
         (downloaded when missing and `download`). `options` say how to run, as `ruyi-trt run`'s options do
         (`RuntimeOptions.make`): backend (torch, ort, trt), device (default cuda when visible), dtype (default bf16
         on cuda, fp16 with ort, fp32 on the CPU), memory_mode (auto, full_gpu, normal, low_gpu), vram_budget (GiB),
-        offload_steps, fp8 (none, lite, strong, extreme), fp8_storage, teacache (threshold), enhance_a_video
-        (weight), lora (a .safetensors file), lora_strength, and the torch backend's compute (none, fp8, int8), scales
-        (a calibrated scales.safetensors or its folder), attention (sdpa, fp8, fp8-full) and fused_kernels."""
+        offload_steps, fp8 (none, lite, strong, extreme), fp8_storage (auto, fp8_e4m3fn, fp8_e5m2), teacache
+        (threshold) with teacache_skip_start/_skip_end/_offload_cpu, enhance_a_video (weight) with
+        enhance_a_video_skip_start/_skip_end, lora (a .safetensors file, or a list of files and (file, strength)
+        pairs, merged in order), lora_strength (for files given without one), and the torch backend's compute
+        (none, fp8, int8), scales (a calibrated scales.safetensors or its folder), attention (sdpa, fp8, fp8-full)
+        and fused_kernels."""
         options = RuntimeOptions.make(**options)
         pipe = cls(Checkpoint.resolve(model, download=download), options)
         if not plan_depends_on_video(options):
@@ -190,17 +194,21 @@ class RuyiPipeline:
         seed: int = 42,
         scheduler: str = "DDIM",
         clip_apply_ratio: float = 0.4,
+        aspect_ratio: str = DEFAULT_ASPECT,
+        noise_device: str = "cpu",
         callback: ProgressCallback | None = None,
         progress: bool = True,
     ) -> Video:
         """Make a video from a start image (a PIL image, a path, or a list of up to 5) and optional end image(s).
 
-        frames 1..120 (rounded down to a multiple of 8), resolution 512 or 768 (the aspect bucket of the first
-        start image; `size` (height, width) overrides it), camera static/left/right/up/down/auto, motion 1-4 or
-        auto, cfg <= 1 turns classifier-free guidance off."""
+        frames 1..120 (rounded down to a multiple of 8), resolution 384..1024 in steps of 16 (the aspect bucket of
+        the first start image; `size` (height, width) overrides it), camera static/left/right/up/down/auto, motion
+        1-4 or auto, cfg <= 1 turns classifier-free guidance off; aspect_ratio is the control embeddings' key (the
+        original's 16:9), noise_device where the seeded noise is drawn (cpu, or cuda as the original)."""
         request = VideoRequest.from_inputs(
             image, end_image, frames=frames, resolution=resolution, size=size, camera=camera, motion=motion,
             steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler, clip_apply_ratio=clip_apply_ratio,
+            aspect_ratio=aspect_ratio, noise_device=noise_device,
         )  # fmt: skip
         return self.generate(request, callback=callback, progress=progress)
 
@@ -238,12 +246,13 @@ class RuyiPipeline:
         return sample_posterior(moments, generator) * self.checkpoint.vae.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> video in [0,1], float32 on the CPU, with the reference's seam smoothing."""
+        """Latents -> video in [0,1], float32 on the CPU, with the reference's seam smoothing. As in the reference,
+        the clamps, the smoothing average and the mapping to [0, 1] run in the decoder's output dtype."""
         cfg = self.checkpoint.vae
-        video = self.components.vae_decoder(latents=latents / cfg.scaling_factor).float().clamp(-1, 1)
+        video = self.components.vae_decoder(latents=latents / cfg.scaling_factor).clamp(-1, 1)
         if not cfg.cache_compression_vae:
-            video = self.smooth_seams(video).clamp(-1, 1)
-        return (video.cpu() / 2 + 0.5).clamp(0, 1)
+            video = self.smooth_seams(video).cpu().clamp(-1, 1)
+        return (video.cpu() / 2 + 0.5).clamp(0, 1).float()
 
     def smooth_seams(self, video: torch.Tensor) -> torch.Tensor:
         """Average the middle frames with a re-encode (posterior mode) and re-decode of them: hides chunk seams."""
@@ -253,7 +262,7 @@ class RuyiPipeline:
         before, after = chunk // 2, chunk - chunk // 2
         middle = video[:, :, before:-after]
         moments = self.components.vae_encoder(video=middle)
-        redecoded = self.components.vae_decoder(latents=moments.chunk(2, dim=1)[0]).float().to(video.device)
+        redecoded = self.components.vae_decoder(latents=moments.chunk(2, dim=1)[0]).to(video.device, video.dtype)
         video = video.clone()
         video[:, :, before:-after] = (middle + redecoded) / 2
         return video
@@ -267,50 +276,59 @@ class RuyiPipeline:
         `on_step(done, total)` is called after each denoising step (it may raise to stop the run)."""
         comps, tcfg, vcfg = self.components, self.transformer_config, self.vae_config
         device, dtype = comps.device, comps.dtype
-        stats = RunStats()
+        stats = RunStats(precision=comps.precisions())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        generator = torch.Generator().manual_seed(request.seed)
+        if request.noise_device == "cuda" and device.type != "cuda":
+            raise ValueError("noise_device: cuda draws on the GPU the models run on; use --device cuda, or noise_device "
+                             "cpu.")  # fmt: skip
 
         # 1. Size and length: aspect bucket of the first start image, frames rounded to VAE chunks
         height, width, frames = request.geometry(vcfg.mini_batch_encoder)
         stats.height, stats.width, stats.frames = height, width, frames
+        note = request.frames_note(vcfg.mini_batch_encoder)
+        if note:
+            log.warning("%s", note)
 
-        # 2. Conditioning video and mask (known frames = 0), then the inpaint latents
+        # 2. Control embeddings (camera, motion, aspect key); their stored dtype is the latents' dtype
+        positive, negative = self.embeddings.select(request.camera, request.motion, request.aspect_ratio)
+        latents_dtype = latent_dtype(dtype, positive["emb1"].dtype)
+
+        # 3. Scheduler and initial noise: the seeded generator's first draw, as in the reference
+        scheduler = load_scheduler(request.scheduler, self.checkpoint.scheduler)
+        timesteps = timesteps_for(scheduler, request.steps)
+        generator = torch.Generator(request.noise_device).manual_seed(request.seed)
+        shape = (1, vcfg.latent_channels, vcfg.latent_frames(frames), height // vcfg.spatial_factor,
+                 width // vcfg.spatial_factor)  # fmt: skip
+        latents = initial_noise(shape, generator, device, latents_dtype, scheduler.init_noise_sigma)
+        step_kwargs = {"generator": generator} if request.scheduler == "Euler A" else {}
+        if request.scheduler == "DDIM":
+            step_kwargs["eta"] = 0.0
+        # the posterior samples come next from a CPU generator (the reference uses the unseeded global RNG)
+        posterior = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(request.seed)
+
+        # 4. Conditioning video and mask (known frames = 0), then the inpaint latents
         with StageTimer(stats, "vae_encode", device):
             input_video, mask, clip_image = image_to_video_condition(
                 list(request.start_images), list(request.end_images) or None, frames, height, width
             )
             mask01, masked_video = prepare_mask_and_masked_video(input_video, mask)
-            mask_latents = self.encode_latents(mask01.repeat(1, 3, 1, 1, 1), generator)
-            masked_latents = self.encode_latents(masked_video, generator)
+            mask_latents = self.encode_latents(mask01.repeat(1, 3, 1, 1, 1), posterior)
+            masked_latents = self.encode_latents(masked_video, posterior)
             inpaint = torch.cat([mask_latents, masked_latents], dim=1)  # (1, 2*C, T, h, w)
 
-        # 3. CLIP image tokens of the resized start frame
+        # 5. CLIP image tokens of the resized start frame (float32), and every fixed transformer input,
+        #    [negative, positive] under CFG
         with StageTimer(stats, "image_encoder", device):
             clip_tokens = comps.image_encoder(pixel_values=clip_pixel_values(clip_image, self.checkpoint.image_processor))
-
-        # 4. Control embeddings (camera, motion) and every fixed transformer input, [negative, positive] under CFG
-        positive, negative = self.embeddings.select(request.camera, request.motion)
         cfg_on = request.guidance_scale > 1.0
         early, late = transformer_conditioning(
-            positive, negative, clip_tokens, inpaint.to(dtype), height, width, tcfg, cfg_on
+            positive, negative, clip_tokens, inpaint.to(latents_dtype), height, width, tcfg, cfg_on
         )
-
-        # 5. Scheduler and initial noise
-        scheduler = load_scheduler(request.scheduler, self.checkpoint.scheduler)
-        timesteps = timesteps_for(scheduler, request.steps)
-        latent_h, latent_w = inpaint.shape[-2:]
-        shape = (1, vcfg.latent_channels, inpaint.shape[2], latent_h, latent_w)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        latents = (latents * scheduler.init_noise_sigma).to(dtype)
-        step_kwargs = {"generator": generator} if request.scheduler == "Euler A" else {}
-        if request.scheduler == "DDIM":
-            step_kwargs["eta"] = 0.0
 
         # 6. Denoising loop
         clip_start = len(timesteps) * (1 - request.clip_apply_ratio)
-        comps.denoiser.start(len(timesteps))
+        comps.denoiser.start(len(timesteps), request.steps)
         with StageTimer(stats, "denoise", device):
             for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
                 inputs = late if i >= clip_start else early

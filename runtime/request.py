@@ -18,9 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..models.geometry import closest_bucket, round_video_length
+from ..models.control_embeddings import DEFAULT_ASPECT, positive_prefix
+from ..models.geometry import (
+    RESOLUTION_RULE,
+    SUPPORTED_RESOLUTIONS,
+    closest_bucket,
+    frame_rounding_note,
+    round_video_length,
+)
+from .denoising import NOISE_DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +37,7 @@ ImageInput = Image.Image | str | Path
 
 CAMERAS = ("static", "left", "right", "up", "down", "auto")
 MOTIONS = ("1", "2", "3", "4", "auto")
-RESOLUTIONS = (512, 768)
+RESOLUTIONS = SUPPORTED_RESOLUTIONS  # base resolutions of the aspect buckets: 384..1024 in steps of 16
 SCHEDULER_NAMES = ("DDIM", "Euler", "Euler A", "DPM++", "PNDM")
 MAX_FRAMES = 120
 MAX_IMAGES = 5
@@ -47,7 +56,7 @@ def _check_image_size(image: Image.Image, source: str, argument: str) -> None:
     width, height = image.size
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ValueError(f"{argument}: {source} is {width}x{height} pixels; images need at least {MIN_IMAGE_SIDE} "
-                         "px on each side (the video is 512 or 768 px): use a larger picture.")  # fmt: skip
+                         "px on each side (the video is 384 to 1024 px): use a larger picture.")  # fmt: skip
     if width * height > MAX_IMAGE_PIXELS:
         raise ValueError(f"{argument}: {source} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel "
                          "limit (Pillow's decompression-bomb guard); scale it down first (the video is at most "
@@ -127,7 +136,12 @@ def load_images(images: ImageInput | Sequence[ImageInput] | None, argument: str)
 
 @dataclass
 class VideoRequest:
-    """One image-to-video job. `size` (height, width), multiples of 16, overrides the resolution bucket."""
+    """One image-to-video job. `size` (height, width), multiples of 16, overrides the resolution bucket.
+
+    `aspect_ratio` picks the control embeddings' key (`p.{16x9}movie...`; the original hard-codes "16:9",
+    whatever the video's shape). `noise_device` is where the seeded generator draws the initial noise (and Euler
+    A's): "cpu" gives the same video on every machine; "cuda" draws as the original's torch.Generator("cuda").
+    """
 
     start_images: Sequence[Image.Image]
     end_images: Sequence[Image.Image] = ()
@@ -141,6 +155,8 @@ class VideoRequest:
     scheduler: str = "DDIM"
     clip_apply_ratio: float = 0.4
     size: tuple[int, int] | None = None
+    aspect_ratio: str = DEFAULT_ASPECT
+    noise_device: str = "cpu"
 
     @classmethod
     def from_inputs(
@@ -157,6 +173,10 @@ class VideoRequest:
         `resolution`; frames rounded down to whole VAE chunks of `mini_batch_encoder` (or exactly 1)."""
         height, width = self.size or closest_bucket(*self.start_images[0].size, self.resolution)
         return height, width, round_video_length(self.frames, mini_batch_encoder)
+
+    def frames_note(self, mini_batch_encoder: int) -> str | None:
+        """The message when the frame count is rounded down to whole VAE chunks (None when it is not)."""
+        return frame_rounding_note(self.frames, round_video_length(self.frames, mini_batch_encoder), mini_batch_encoder)
 
     def __post_init__(self) -> None:
         self.start_images = list(self.start_images)
@@ -180,8 +200,9 @@ class VideoRequest:
         if 2 <= self.frames <= 7:
             raise ValueError(f"frames: {self.frames} rounds down to 0 (lengths are multiples of 8, or exactly 1); "
                              f"use 1 or 8..{MAX_FRAMES}.")  # fmt: skip
-        if self.size is None and self.resolution not in RESOLUTIONS:
-            raise ValueError(f"resolution: {self.resolution!r} is not supported; use one of {RESOLUTIONS}.")
+        if self.size is None and (isinstance(self.resolution, bool) or self.resolution not in RESOLUTIONS):
+            raise ValueError(f"resolution: {self.resolution!r} is not supported; use {RESOLUTION_RULE} "
+                             "(512 and 768 are the trained sizes), or an explicit size.")  # fmt: skip
         if self.size is not None:
             sides = tuple(self.size) if isinstance(self.size, (tuple, list)) else ()
             if len(sides) != 2 or not all(_is_integer(v) and 16 <= v <= MAX_SIDE and v % 16 == 0 for v in sides):
@@ -191,6 +212,14 @@ class VideoRequest:
             raise ValueError(f"camera: {self.camera!r} is unknown; use one of {CAMERAS}.")
         if self.motion not in MOTIONS:
             raise ValueError(f"motion: {self.motion!r} is unknown; use one of {MOTIONS}.")
+        try:
+            positive_prefix(self.camera, self.motion, self.aspect_ratio)
+        except ValueError as exc:
+            raise ValueError(f"aspect_ratio: {exc}") from exc
+        if self.noise_device not in NOISE_DEVICES:
+            raise ValueError(f"noise_device: {self.noise_device!r} is unknown; use one of {NOISE_DEVICES}.")
+        if self.noise_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("noise_device: cuda needs a CUDA GPU and none is visible; use cpu.")
         if self.scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"scheduler: {self.scheduler!r} is unknown; use one of {SCHEDULER_NAMES}.")
         check_number("steps", self.steps, 1, MAX_STEPS, integer=True)

@@ -1,4 +1,4 @@
-"""What one run reports: seconds per stage, peak device memory, peak host memory."""
+"""What one run reports: seconds per stage, the precision each model ran in, peak device and host memory."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import torch
 
 from .memory.device_usage import DevicePeak
 
+REFERENCE_PRECISION = "bf16"  # the original runs every model in bf16 (under autocast)
+
 
 @dataclass
 class RunStats:
-    """Seconds per stage and peak device memory of one run."""
+    """Seconds per stage, the precision of each model (image_encoder, vae, transformer) and peak device memory
+    of one run."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
@@ -20,6 +23,7 @@ class RunStats:
     height: int = 0
     width: int = 0
     frames: int = 0
+    precision: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         stages = ", ".join(f"{name} {value:.2f}s" for name, value in self.seconds.items())
@@ -28,7 +32,12 @@ class RunStats:
             memory += f" (torch allocator), {self.driver_peak_bytes / 2**30:.2f} GiB in use on the device (driver)"
         host = _peak_host_gib()
         host_text = f", peak host RSS {host:.2f} GiB" if host is not None else ""
-        return f"{self.frames} frames {self.height}x{self.width}: {stages}{memory}{host_text}"
+        precision = ""
+        if self.precision:
+            precision = "; precision " + ", ".join(f"{name} {value}" for name, value in self.precision.items())
+            if any(not value.startswith(REFERENCE_PRECISION) for value in self.precision.values()):
+                precision += f" (the original runs {REFERENCE_PRECISION})"
+        return f"{self.frames} frames {self.height}x{self.width}: {stages}{memory}{host_text}{precision}"
 
 
 def _peak_host_gib() -> float | None:

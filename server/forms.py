@@ -2,7 +2,7 @@
 
 A submission is multipart form data: `image` (repeatable: the start images), optional `end_image` (repeatable),
 and `ruyi-trt run`'s video options named like its flags without the dashes (`frames`, `resolution`, `size`,
-`camera`, `motion`, `steps`, `cfg`, `seed`, `scheduler`). Every upload is decoded as an image here (so nothing
+`camera`, `motion`, `steps`, `cfg`, `seed`, `scheduler`, `aspect_ratio`, `noise_device`). Every upload is decoded as an image here (so nothing
 but a readable PNG/JPEG/WebP reaches the pipeline) and the options are validated by building the
 `VideoRequest` the worker will run. Errors say which field is wrong and why (`SubmissionError`, a 4xx).
 """
@@ -31,6 +31,8 @@ OPTIONS: dict[str, tuple[type, object]] = {
     "cfg": (float, 7.0),
     "seed": (int, 42),
     "scheduler": (str, "DDIM"),
+    "aspect_ratio": (str, "16:9"),  # the control embeddings' key (the original's 16:9)
+    "noise_device": (str, "cpu"),  # cpu, or cuda: the seeded noise drawn as the original draws it
 }
 Upload = tuple[str, bytes]  # (file name as sent, content); the name is only quoted in errors
 

@@ -23,14 +23,16 @@ from ruyi_trt.cli import main
 from ruyi_trt.testing import gradient_image
 
 CHOICES = {
-    "--resolution": ["512", "768"], "--camera": ["static", "left", "right", "up", "down", "auto"],
+    "--camera": ["static", "left", "right", "up", "down", "auto"],
     "--motion": ["1", "2", "3", "4", "auto"], "--scheduler": ["DDIM", "Euler", "Euler A", "DPM++", "PNDM"],
     "--backend": ["torch", "ort", "trt"], "--dtype": ["fp32", "bf16", "fp16"],
-    "--memory-mode": ["auto", "full_gpu", "normal", "low_gpu"], "--fp8": ["none", "lite", "strong", "extreme"],
-    "--fp8-storage": ["fp8_e4m3fn", "fp8_e5m2"], "--compute": ["none", "fp8", "int8"],
-    "--attention": ["sdpa", "fp8", "fp8-full"],
+    "--memory-mode": ["auto", "full_gpu", "normal", "low_gpu"], "--fp8": ["auto", "none", "lite", "strong", "extreme"],
+    "--fp8-storage": ["auto", "fp8_e4m3fn", "fp8_e5m2"], "--compute": ["none", "fp8", "int8"],
+    "--attention": ["sdpa", "fp8", "fp8-full"], "--noise-device": ["cpu", "cuda"],
 }  # fmt: skip
-INTEGERS = {"--frames": (-10, 200), "--steps": (-5, 2000), "--seed": (-(2**70), 2**70), "--offload-steps": (-3, 2000)}
+INTEGERS = {"--frames": (-10, 200), "--steps": (-5, 2000), "--seed": (-(2**70), 2**70), "--offload-steps": (-3, 2000),
+            "--resolution": (-16, 2100), "--teacache-skip-start": (-3, 2000), "--teacache-skip-end": (-3, 2000),
+            "--enhance-a-video-skip-start": (-3, 2000), "--enhance-a-video-skip-end": (-3, 2000)}  # fmt: skip
 NUMBERS = {"--cfg": (-5, 50), "--vram-budget": (-1, 5000), "--teacache": (-1, 2), "--enhance-a-video": (-10, 200),
            "--lora-strength": (-200, 200), "--parallel-timeout": (-10, 1e5)}  # fmt: skip
 FLAGS = ("--plan-only", "--no-progress", "--fused-kernels")
@@ -73,7 +75,10 @@ def _valid() -> dict[str, st.SearchStrategy]:
     values: dict[str, st.SearchStrategy] = {
         "--model": st.sampled_from(["tiny", "full-random"]), "--image": st.lists(st.just("good.png"), min_size=1, max_size=2),
         "--end-image": st.lists(st.just("good.png"), max_size=1), "--out": st.sampled_from(["video.mp4", "out/v.mp4"]),
-        "--frames-dir": st.just("frames"), "--device": st.just("cpu"), "--lora": st.just("style.safetensors"),
+        "--frames-dir": st.just("frames"), "--device": st.just("cpu"),
+        "--lora": st.lists(st.sampled_from(["style.safetensors", "style.safetensors:0.5"]), min_size=1, max_size=2),
+        "--resolution": st.sampled_from(range(384, 1025, 16)).map(str),
+        "--aspect-ratio": st.sampled_from(["16:9", "9:16", "4:3", "1:1"]),
         "--size": st.builds(lambda h, w: f"{16 * h}x{16 * w}", st.integers(1, 48), st.integers(1, 48)),
         "--frames": st.sampled_from([1, 8, 16, 24, 120]).map(str), "--steps": st.integers(1, 1000).map(str),
         "--seed": st.integers(0, 2**64 - 1).map(str), "--offload-steps": st.integers(0, 1000).map(str),
@@ -84,11 +89,14 @@ def _valid() -> dict[str, st.SearchStrategy]:
     for option, choices in CHOICES.items():
         values[option] = st.sampled_from(choices)
     # each valid alone, but refused with several other options: among "anything"
-    values.update({"--backend": st.just("torch"), "--compute": st.just("none"), "--attention": st.just("sdpa")})
+    values.update({"--backend": st.just("torch"), "--compute": st.just("none"), "--attention": st.just("sdpa"),
+                   "--noise-device": st.just("cpu")})  # fmt: skip
     for flag in FLAGS:
         values[flag] = st.booleans()
     values["--fused-kernels"] = st.just(False)  # needs CUDA
-    return values  # --parallel and --scales have no value that is valid alone here: only among "anything"
+    # --parallel, --scales and the TeaCache / Enhance-A-Video step options (which need --teacache / --enhance-a-video)
+    # have no value that is valid alone here: only among "anything"
+    return values
 
 
 def _anything() -> dict[str, st.SearchStrategy]:
@@ -100,7 +108,10 @@ def _anything() -> dict[str, st.SearchStrategy]:
         "--out": st.sampled_from(["video.avi", "sub", "notes.txt/v.mp4", "good.png/x.mp4"]) | text,
         "--frames-dir": st.sampled_from(["sub", "notes.txt", "good.png"]) | text,
         "--size": st.builds(lambda h, w: f"{h}x{w}", st.integers(-16, 2100), st.integers(-16, 2100)) | text,
-        "--device": st.sampled_from(["cuda", "cuda:0", "cuda:x", "mps", "cpu:1"]) | text, "--lora": paths,
+        "--device": st.sampled_from(["cuda", "cuda:0", "cuda:x", "mps", "cpu:1"]) | text,
+        "--lora": st.lists(paths | st.sampled_from(["style.safetensors:x", "style.safetensors:nan", "style.safetensors:500"]),
+                           max_size=3),
+        "--aspect-ratio": st.sampled_from(["16:9", "0:0", "16x9", "4:3:1"]) | text,
         "--scales": paths,
         "--parallel": st.sampled_from(["ulysses=2", "cfg=2", "ring=0", "x", "ulysses=2,ulysses=2", "cfg=3"]) | text,
     }  # fmt: skip
@@ -110,7 +121,7 @@ def _anything() -> dict[str, st.SearchStrategy]:
         values[option] = st.integers(low, high).map(str) | text
     for option, (low, high) in NUMBERS.items():
         values[option] = st.floats(low, high).map(repr) | st.sampled_from(["nan", "inf", "-inf", "1e400"]) | text
-    for flag in FLAGS:
+    for flag in (*FLAGS, "--teacache-offload-cpu"):
         values[flag] = st.booleans()
     return values
 

@@ -131,7 +131,7 @@ class BlockDenoiser:
     def __call__(self, **inputs) -> torch.Tensor:
         return self.model.blocks[0](**inputs)
 
-    def start(self, num_calls: int) -> None:
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
         """Stateless."""
 
     def close(self) -> None:
@@ -243,7 +243,7 @@ class ModuleDenoiser:
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.model(**inputs)[0]
 
-    def start(self, num_calls: int) -> None:
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
         """Stateless."""
 
     def close(self) -> None:

@@ -103,8 +103,8 @@ class CompiledBlocks:
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.base(**inputs)
 
-    def start(self, num_calls: int) -> None:
-        self.base.start(num_calls)
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
+        self.base.start(num_calls, num_steps)
 
     def close(self) -> None:
         for block in self.blocks:
@@ -123,8 +123,8 @@ class FastComputeDenoiser:
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.base(**inputs)
 
-    def start(self, num_calls: int) -> None:
-        self.base.start(num_calls)
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
+        self.base.start(num_calls, num_steps)
 
     def close(self) -> None:
         self.undo()
@@ -145,8 +145,8 @@ class SdpaKernel:
         with sdpa_kernel(self.backend):
             return self.base(**inputs)
 
-    def start(self, num_calls: int) -> None:
-        self.base.start(num_calls)
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
+        self.base.start(num_calls, num_steps)
 
     def close(self) -> None:
         self.base.close()
@@ -205,8 +205,8 @@ class CudaGraphDenoiser:
         graph.replay()
         return output.clone()
 
-    def start(self, num_calls: int) -> None:
-        self.base.start(num_calls)
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
+        self.base.start(num_calls, num_steps)
 
     def close(self) -> None:
         self.graphs.clear()

@@ -12,6 +12,9 @@
 - Enhance-A-Video (optional, off by default): scales every block's self-attention output by a temporal score
   (`models.transformer_blocks.enhance_a_video_score`) on the calls its step rule selects (reference
   `EnhanceAVideoParameters`).
+Both count transformer calls against the number of *steps*, as the reference (initialised with `steps`):
+with PNDM (more calls than steps) TeaCache starts over after `steps` calls and Enhance-A-Video is off from
+call `steps - skip_end_steps` on.
 None of these change the numbers, except TeaCache (skipped steps), Enhance-A-Video and the CFG split (batch-1
 GEMMs may round differently from batch-2 ones).
 
@@ -44,19 +47,21 @@ TEACACHE_COEFFICIENTS = (-7.51185620e03, 2.32931511e03, -2.25610663e02, 9.399022
 @dataclass(frozen=True)
 class TeaCacheSettings:
     """threshold: larger skips more steps (0.10 skips about 6-8 of 25). The first `skip_start_steps` and last
-    `skip_end_steps` calls are always computed (each at least 1)."""
+    `skip_end_steps` calls of each `steps` calls are always computed (each at least 1). `offload_cpu` keeps the
+    cached tensors (previous modulated input, residual) in host memory between calls."""
 
     threshold: float = 0.10
     skip_start_steps: int = 3
     skip_end_steps: int = 1
+    offload_cpu: bool = True
 
 
 @dataclass(frozen=True)
 class EnhanceAVideoSettings:
     """Enhance-A-Video (reference defaults: weight 1.0, no skipped steps). Call c (0-based, counted over every
     denoiser call of the run, TeaCache-skipped ones included) is enhanced when
-    skip_start_steps <= c < num_calls - skip_end_steps. The reference suggests weight < 10 (< 5 for short or
-    low-resolution videos).
+    skip_start_steps <= c < num_steps - skip_end_steps, num_steps being the run's steps (not its calls), as the
+    reference counts. The reference suggests weight < 10 (< 5 for short or low-resolution videos).
 
     The score is one scalar per block over the whole batch (both CFG halves together), so on enhanced calls
     the CFG split is not used: the batch runs whole, as in the reference."""
@@ -65,49 +70,69 @@ class EnhanceAVideoSettings:
     skip_start_steps: int = 0
     skip_end_steps: int = 0
 
-    def active(self, call: int, num_calls: int | None) -> bool:
-        end = None if num_calls is None else num_calls - max(0, self.skip_end_steps)
+    def active(self, call: int, num_steps: int | None) -> bool:
+        """Whether call `call` (0-based, over the whole run) is enhanced in a run of `num_steps` steps."""
+        end = None if num_steps is None else num_steps - max(0, self.skip_end_steps)
         return call >= max(0, self.skip_start_steps) and (end is None or call < end)
 
 
 class _TeaCacheState:
-    """Per-run state of TeaCache, following the reference's update rules step by step."""
+    """Per-run state of TeaCache, following the reference's update rules call by call (`TeaCacheParameters`):
+    its counter runs over `num_steps` calls, then starts over with a clean cache."""
 
     def __init__(
         self,
         settings: TeaCacheSettings,
-        num_calls: int,
+        num_steps: int,
+        device: torch.device,
         relative_change: Callable[[torch.Tensor, torch.Tensor], float],
     ):
-        self.settings, self.num_calls = settings, num_calls
+        self.settings, self.num_steps = settings, num_steps
         self.relative_change = relative_change
         self.start = max(1, settings.skip_start_steps)
         self.end = max(1, settings.skip_end_steps)
+        self.store = torch.device("cpu") if settings.offload_cpu else device
         self.count = 0
         self.skipped = 0
         self.accumulated = 0.0
         self.previous_modulated: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
+        self.wants_residual = False  # whether this call's residual is to be kept (the reference's hidden input)
         self.rescale = np.poly1d(TEACACHE_COEFFICIENTS)
 
-    def decide(self, modulated: torch.Tensor) -> bool:
-        """Record this call's modulated input; True when the blocks must be computed."""
-        compute = True
-        if self.count == self.start - 1:
+    def decide(self, modulated: Callable[[], torch.Tensor]) -> bool:
+        """True when this call's blocks must be computed; `modulated()` gives its modulated input (only asked for
+        on the calls that look at it)."""
+        compute, self.wants_residual = True, False
+        if self.count == self.start - 1:  # start TeaCache on the next call
             self.accumulated = 0.0
-            self.previous_modulated = modulated
-        elif self.start - 1 < self.count < self.num_calls - self.end and self.previous_modulated is not None:
-            change = self.relative_change(modulated, self.previous_modulated)
+            self.previous_modulated = modulated().to(self.store)
+            self.wants_residual = True
+        elif self.start - 1 < self.count < self.num_steps - self.end:
+            current = modulated()
+            change = self.relative_change(current, self.previous_modulated.to(current.device))
             self.accumulated += float(self.rescale(change))
-            if self.accumulated < self.settings.threshold and self.residual is not None:
+            if self.accumulated < self.settings.threshold:
                 compute = False
             else:
                 self.accumulated = 0.0
-                self.previous_modulated = modulated
+                self.previous_modulated = current.to(self.store)
+                self.wants_residual = True
         self.count += 1
+        if self.count == self.num_steps:  # the reference starts over (and cleans up) after `steps` calls
+            self.count = 0
+            self.previous_modulated = self.residual = None
         if not compute:
             self.skipped += 1
         return compute
+
+    def keep_residual(self, output: torch.Tensor, block_input: torch.Tensor) -> None:
+        """norm_out's float32 output minus the block input, when this call's residual is to be kept."""
+        if self.wants_residual:
+            self.residual = (output - block_input).to(self.store)
+
+    def apply_residual(self, block_input: torch.Tensor) -> torch.Tensor:
+        return block_input + self.residual.to(block_input.device)
 
 
 class BlockRunner:
@@ -134,7 +159,7 @@ class BlockRunner:
         self._state: _TeaCacheState | None = None
         self._calls_left: int | None = None
         self.enhance_a_video = enhance_a_video
-        self._num_calls: int | None = None
+        self._num_steps: int | None = None
         self._call = 0
         self.attend: AttentionFn | None = None  # None: F.scaled_dot_product_attention (see module docstring)
         self.streamer = BlockStreamer(model.blocks, self.device, resident_blocks)
@@ -162,11 +187,15 @@ class BlockRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def start(self, num_calls: int) -> None:
-        """Called before a run with the number of denoiser calls to come (resets TeaCache)."""
-        self._state = _TeaCacheState(self.teacache, num_calls, self._relative_change) if self.teacache else None
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
+        """Called before a run with the number of denoiser calls to come and of steps (default: one call per
+        step); TeaCache and Enhance-A-Video count calls against the steps, as the reference."""
+        num_steps = num_calls if num_steps is None else num_steps
+        self._state = (
+            _TeaCacheState(self.teacache, num_steps, self.device, self._relative_change) if self.teacache else None
+        )
         self._calls_left = num_calls
-        self._num_calls, self._call = num_calls, 0
+        self._num_steps, self._call = num_steps, 0
 
     @property
     def skipped_calls(self) -> int:
@@ -184,14 +213,14 @@ class BlockRunner:
         enhance = self._enhance_weight()
         compute = True
         if self._state is not None:
-            compute = self._state.decide(self._modulated_input(embedded))
+            compute = self._state.decide(lambda: self._modulated_input(embedded))
         if compute:
-            x = model.norm_out(self._run_batch(embedded, enhance), embedded.temb)
+            x = model.norm_out(self._run_batch(embedded, enhance), embedded.temb)  # float32
             if self._state is not None:
-                self._state.residual = x - x_in
+                self._state.keep_residual(x, x_in)
         else:
-            x = x_in + self._state.residual
-        x = self._gather(model.proj_out(x))
+            x = self._state.apply_residual(x_in)
+        x = self._gather(model.project(x, embedded.temb))
         out = model.unpatchify(x, embedded.num_frames, embedded.grid_height, embedded.grid_width)
         if self._calls_left is not None:
             self._calls_left -= 1
@@ -216,7 +245,7 @@ class BlockRunner:
         """Enhance-A-Video's weight for this call (None: not enhanced); counts the call."""
         call, self._call = self._call, self._call + 1
         settings = self.enhance_a_video
-        if settings is None or not settings.active(call, self._num_calls):
+        if settings is None or not settings.active(call, self._num_steps):
             return None
         return float(settings.weight)
 

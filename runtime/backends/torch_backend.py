@@ -45,7 +45,7 @@ class TorchBackend:
         with self.offload as module:
             return self.fn(module, **prepared)
 
-    def start(self, num_calls: int) -> None:
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
         """Stateless: nothing to reset between runs."""
 
     def close(self) -> None:

@@ -129,7 +129,7 @@ class EngineSet:
 
 
 def trt_components(checkpoint: Checkpoint, dtype: str, memory_plan: MemoryPlan | None = None,
-                   cuda_graphs: bool = False, lora: tuple[str, float] | None = None) -> Components:  # fmt: skip
+                   cuda_graphs: bool = False, loras: tuple[tuple[str, float], ...] = ()) -> Components:  # fmt: skip
     """TensorRT components for the checkpoint's cached engines (see the module docstring)."""
     require_tensorrt("--backend trt")
     if dtype not in TRT_DTYPES:
@@ -170,7 +170,7 @@ def trt_components(checkpoint: Checkpoint, dtype: str, memory_plan: MemoryPlan |
         engines.release("vae-decoder")
         return out
 
-    denoise = _denoiser(engines, checkpoint, TRT_DTYPES[dtype], latent_request, lora)
+    denoise = _denoiser(engines, checkpoint, TRT_DTYPES[dtype], latent_request, loras)
     return Components(
         image_encoder=CallableBackend(encode_image, engines.close),
         vae_encoder=CallableBackend(encode_video, engines.close),
@@ -181,12 +181,12 @@ def trt_components(checkpoint: Checkpoint, dtype: str, memory_plan: MemoryPlan |
     )
 
 
-def _denoiser(engines: EngineSet, checkpoint: Checkpoint, dtype: torch.dtype, latent_request, lora):
-    """The transformer call: the whole engine (refitted with a merged LoRA), or the per-block engines."""
+def _denoiser(engines: EngineSet, checkpoint: Checkpoint, dtype: torch.dtype, latent_request, loras):
+    """The transformer call: the whole engine (refitted with the merged LoRAs), or the per-block engines."""
     per_block = not engines.candidates("transformer") and bool(engines.candidates(BLOCK_TRANSFORMER[0]))
     tcfg = checkpoint.transformer
-    weights = _merged_weights(checkpoint, dtype, lora) if (per_block or lora) else None
-    if lora and not per_block:
+    weights = _merged_weights(checkpoint, dtype, loras) if (per_block or loras) else None
+    if loras and not per_block:
         engines.on_activate["transformer"] = _refit_on_activate(weights)
     blocks = _block_weights(weights[0], tcfg.num_layers) if per_block else None
     rope: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -216,16 +216,16 @@ def _on_device(cache_: dict, tables: tuple[torch.Tensor, torch.Tensor]) -> tuple
     return cache_[key][2], cache_[key][3]
 
 
-def _merged_weights(checkpoint: Checkpoint, dtype: torch.dtype, lora: tuple[str, float] | None) -> tuple[dict, list[str]]:
-    """(transformer state dict in `dtype` on the host, with the LoRA merged; the merged weight names)."""
+def _merged_weights(checkpoint: Checkpoint, dtype: torch.dtype, loras: tuple[tuple[str, float], ...]) -> tuple[dict, list[str]]:
+    """(transformer state dict in `dtype` on the host, with the LoRAs merged in order; the merged weight names)."""
     from ...weights.lora import load_lora, merge_lora
 
     model = checkpoint.load_transformer(dtype)
-    changed = []
-    if lora is not None:
-        path, strength = lora
-        changed = [f"{name}.weight" for name in merge_lora(model, load_lora(path), strength)]
-        log.info("LoRA %s merged into %d layers (strength %s)", path, len(changed), strength)
+    changed: list[str] = []
+    for path, strength in loras:
+        merged = [f"{name}.weight" for name in merge_lora(model, load_lora(path), strength)]
+        changed += [name for name in merged if name not in changed]
+        log.info("LoRA %s merged into %d layers (strength %s)", path, len(merged), strength)
     return dict(model.state_dict()), changed
 
 

@@ -1,7 +1,7 @@
 """Device-memory estimates for one run, from configs alone (no weights are read): the planner's cost model.
 
 - Weights: the transformer's parameter inventory (docs/ruyi-architecture.md section 2.2-2.3) with the FP8
-  storage rules of `runtime.fp8`, the VAE's parameters (counted on the meta device) and the CLIP tower's.
+  storage rules of `weights.fp8_storage`, the VAE's parameters (counted on the meta device) and the CLIP tower's.
 - Transformer activations per call, in units of one hidden state h = b*N*D elements (b samples per call):
   the embed output and the running hidden state, the long-skip tensors, and the largest transient of a
   block: self-attention at the RoPE step (the norm1 output, q before and after its qk-LayerNorm, k, v and
@@ -79,13 +79,15 @@ def _norm(dim: int) -> tuple[str, int, int]:
 
 
 def _fixed(numel: int) -> tuple[str, int, int]:
-    return ("fixed", 0, numel)  # never stored in fp8 (top-level parameters, embeddings, conv, resampler)
+    # never stored in fp8: top-level parameters, embeddings, the patch conv, the plain (q/k, resampler) LayerNorms,
+    # the resampler's attention
+    return ("fixed", 0, numel)
 
 
 def _block_inventory(cfg: TransformerConfig, has_skip: bool) -> list[tuple[str, int, int]]:
     d, c, ff, hd = cfg.inner_dim, cfg.cross_attention_dim, cfg.ff_inner_dim, cfg.attention_head_dim
-    attn_self = [_linear(d, d)] * 4 + [_norm(hd)] * 2
-    attn_cross = [_linear(d, d), _linear(d, c), _linear(d, c), _linear(d, d)] + [_norm(hd)] * 2
+    attn_self = [_linear(d, d)] * 4 + [_fixed(2 * hd)] * 2
+    attn_cross = [_linear(d, d), _linear(d, c), _linear(d, c), _linear(d, d)] + [_fixed(2 * hd)] * 2
     items = [_linear(d, d), _norm(d), *attn_self, _norm(d), *attn_cross, _norm(d), *attn_cross]
     items += [_norm(d), _linear(2 * d, d), _norm(d), _norm(d), _linear(ff, d), _linear(d, ff)]
     if has_skip:
@@ -96,9 +98,9 @@ def _block_inventory(cfg: TransformerConfig, has_skip: bool) -> list[tuple[str, 
 def _other_inventory(cfg: TransformerConfig) -> list[tuple[str, int, int]]:
     d, c, t5, p = cfg.inner_dim, cfg.cross_attention_dim, cfg.cross_attention_dim_t5, cfg.patch_size
     pooled = cfg.pooled_projection_dim
-    resampler = [_fixed(2 * cfg.n_query * c + 3 * c * c + 3 * c + 4 * c), ("resampler_linear", c * c, c * c + c)]
+    resampler = [_fixed(2 * cfg.n_query * c + 3 * c * c + 3 * c + 4 * c + c * c + c)]
     if cfg.projection_dim != c:
-        resampler.append(("resampler_linear", c * cfg.projection_dim, c * cfg.projection_dim))
+        resampler.append(_linear(c, cfg.projection_dim, bias=False))
     return [
         _linear(4 * t5, t5), _linear(c, 4 * t5), _fixed(cfg.text_tokens * c),
         _fixed(d * cfg.in_channels * p * p + d),
@@ -114,7 +116,7 @@ def _other_inventory(cfg: TransformerConfig) -> list[tuple[str, int, int]]:
 def _bytes(items: list[tuple[str, int, int]], dtype_bytes: int, fp8: str, hidden: int) -> int:
     total = 0
     for kind, matrix, numel in items:
-        if kind in ("linear", "resampler_linear") and fp8 in ("lite", "strong"):  # extreme skips the resampler
+        if kind == "linear" and fp8 in ("lite", "strong"):
             stored = matrix > hidden**2 - (1 if fp8 == "strong" else 0)
         else:
             stored = fp8 == "extreme" and kind in ("linear", "norm")
@@ -141,7 +143,7 @@ class TransformerWeights:
 
 
 def transformer_weights(cfg: TransformerConfig, dtype_bytes: int, fp8: str = "none") -> TransformerWeights:
-    """Stored weight bytes of the transformer in the run dtype with FP8 storage mode `fp8` (runtime.fp8 rules)."""
+    """Stored weight bytes of the transformer in the run dtype with FP8 storage mode `fp8` (weights.fp8_storage rules)."""
     d = cfg.inner_dim
     pe = TEMPORAL_PE_LEN * d * dtype_bytes if cfg.time_position_encoding else 0
     return TransformerWeights(

@@ -101,7 +101,7 @@ class PlanRequest:
     cfg: bool = True
     dtype: str = "bf16"
     fp8: str = "none"
-    teacache: bool = False
+    teacache: bool = False  # TeaCache keeps its cached tensors on the device (not with offload_cpu)
     steps: int = 25
     memory_mode: str = "auto"
     offload_steps: int | None = None  # None: the mode's default (auto: planner's choice, otherwise 0)
@@ -361,7 +361,8 @@ class _Planner:
         breakdown = {
             "weights (non-block + resident blocks)": resident_w,
             "weights (streaming slots)": slots,
-            "hidden states": full_h + h + (h if s.cfg_split else 0) + (2 * full_h if r.teacache else 0),
+            # TeaCache: the previous modulated input (run dtype) and the float32 residual
+            "hidden states": full_h + h + (h if s.cfg_split else 0) + (full_h + full_h * 4 // self.a if r.teacache else 0),
             "long skips": skips.device_peak * h,
             "block working set": max(transient.values()) + _sequence_parallel_buffers(r.sequence_parallel, h),
             "conditioning": conditioning_bytes(tcfg, self.batch, call, latent_elems, self.a),

@@ -32,7 +32,7 @@ def comfy_images(*images) -> torch.Tensor:
 
 def load_tiny(**overrides):
     args = {"model": "tiny", "backend": "torch", "dtype": "auto", "memory_mode": "auto", "fp8": "none",
-            "fp8_storage": "fp8_e4m3fn"}  # fmt: skip
+            "fp8_storage": "auto"}  # fmt: skip
     return nodes.RuyiTRTLoadModel().load(**{**args, **overrides})[0]
 
 
@@ -176,10 +176,10 @@ def test_models_and_loras_come_from_comfyui_folders(tiny_dir: Path, comfy) -> No
     lora_node = nodes.RuyiTRTLoadLora()
     assert lora_node.INPUT_TYPES()["required"]["lora"] == (["style.safetensors"],)
     (with_lora,) = lora_node.load_lora(spec, "style.safetensors", 0.5)
-    assert (with_lora.options.lora, with_lora.options.lora_strength) == (str(comfy.loras / "style.safetensors"), 0.5)
-    assert with_lora.model == spec.model and spec.options.lora is None
-    with pytest.raises(ValueError, match="one LoRA per pipeline"):
-        lora_node.load_lora(with_lora, "style.safetensors", 1.0)
+    assert with_lora.options.loras == ((str(comfy.loras / "style.safetensors"), 0.5),)
+    assert with_lora.model == spec.model and spec.options.loras == ()
+    (chained,) = lora_node.load_lora(with_lora, "style.safetensors", -1.0)  # chained, as the original's node
+    assert chained.options.loras == ((str(comfy.loras / "style.safetensors"), 0.5), (str(comfy.loras / "style.safetensors"), -1.0))
     with pytest.raises(ValueError, match="is not a file"):
         lora_node.load_lora(spec, "missing.safetensors", 1.0)
 
@@ -189,7 +189,7 @@ def test_lora_without_comfyui_is_a_path(tmp_path: Path, tiny_dir: Path) -> None:
     lora = tmp_path / "a.safetensors"
     lora.write_bytes(b"")
     (spec,) = nodes.RuyiTRTLoadLora().load_lora(load_tiny(), str(lora), 1.0)
-    assert spec.options.lora == str(lora)
+    assert spec.options.loras == ((str(lora), 1.0),)
     with pytest.raises(ValueError, match="torch backend"):
         nodes.RuyiTRTLoadLora().load_lora(load_tiny(backend="ort"), str(lora), 1.0)
 

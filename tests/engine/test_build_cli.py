@@ -28,7 +28,7 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--frames", "9:5:3"], "MIN <= OPT <= MAX"),
         (["--frames", "8:12:16"], "not a multiple of 8"),
         (["--precision", "fp8"], "FP8 engines need calibrated graphs with explicit Q/DQ"),
-        (["--resolution", "640"], "640 is not a base resolution"),
+        (["--resolution", "650"], "650 is not a base resolution; use 384..1024 in steps of 16"),
         (["--resolution", "512,1000x1000x3"], "is unknown"),
         (["--workspace", "-1"], "--workspace"),
     ],

@@ -36,7 +36,8 @@ def test_parse_frames():
 
 def test_parse_resolutions():
     assert parse_resolutions("512, 384x672") == ("512", "384x672")
-    for bad in ("640", "100x100", "abc", "", "512x"):
+    assert parse_resolutions("400") == ("400",)  # any base resolution of the original: 384..1024 in steps of 16
+    for bad in ("650", "368", "1040", "100x100", "abc", "", "512x"):
         with pytest.raises(ValueError, match="--resolution"):
             parse_resolutions(bad)
 

@@ -11,7 +11,7 @@ from ruyi_trt.kernels.gelu_tanh import gelu_tanh, gelu_tanh_ref
 from ruyi_trt.kernels.layernorm_shift import layernorm_shift, layernorm_shift_ref
 from ruyi_trt.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from ruyi_trt.models.rope import apply_rotary, rotary_embedding
-from ruyi_trt.models.transformer_blocks import NORM_EPS, AdaLayerNormShift, FP32LayerNorm
+from ruyi_trt.models.transformer_blocks import NORM_EPS, AdaLayerNormShift, Attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: under the interpreter (tests/conftest.py)
 HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # no bf16 in the interpreter
@@ -66,16 +66,22 @@ def test_qk_norm_rope(dtype):
     )
 
 
-def test_qk_norm_rope_equals_the_model_path():
-    """fp32: the kernel equals the model's norm_q then apply_rotary (models/rope.py) within 1e-5."""
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_qk_norm_rope_equals_the_model_path(dtype):
+    """The kernel equals the model's path: norm_q (float32 out, as under autocast), apply_rotary in float32 and the
+    one rounding to the compute dtype at the attention's input; within TOLERANCE (1e-5 in fp32, one rounding in
+    half precision)."""
     heads, head_dim = 2, 16
     cos, sin = (t.to(DEVICE) for t in rotary_embedding(4, 4, 2, head_dim))
-    norm = FP32LayerNorm(head_dim, eps=NORM_EPS).to(DEVICE)
-    torch.nn.init.normal_(norm.weight)
-    x = _rand(1, 4, heads * head_dim, seed=9)
-    model = apply_rotary(norm(x.unflatten(-1, (heads, head_dim)).transpose(1, 2)), cos, sin)
+    attention = Attention(heads * head_dim, heads).to(DEVICE, dtype)
+    norm = attention.norm_q
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(head_dim, generator=torch.Generator().manual_seed(10)))
+    x = _rand(1, 4, heads * head_dim, seed=9, dtype=dtype)
+    model = apply_rotary(norm(x.unflatten(-1, (heads, head_dim)).transpose(1, 2)), cos, sin).to(dtype)
     out = qk_norm_rope(x, heads, norm.weight, norm.bias, norm.eps, cos, sin)
-    assert (out - model).abs().max().item() <= 1e-5
+    assert out.dtype == model.dtype == dtype
+    assert (out.float() - model.float()).abs().max().item() <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -81,7 +81,18 @@ def test_validate_request_rejects_frame_type(frames):
         validate_request(frames, 512)
 
 
-@pytest.mark.parametrize("resolution", [384, 1024, 0, "512"])
+@pytest.mark.parametrize("resolution", [368, 1040, 500, 0, True, "512"])
 def test_validate_request_rejects_resolution(resolution):
-    with pytest.raises(ValueError, match="resolution must be 512 or 768"):
+    with pytest.raises(ValueError, match="resolution must be 384..1024 in steps of 16"):
         validate_request(24, resolution)
+
+
+@pytest.mark.parametrize("resolution", [384, 400, 896, 1024])
+def test_validate_request_accepts_any_base_resolution_of_the_original(resolution):
+    assert validate_request(24, resolution) == 24
+
+
+def test_rounded_frame_count_is_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="ruyi_trt.models.geometry"):
+        assert validate_request(30, 512) == 24
+    assert "frames: 30 is not a multiple of 8; making 24 frames" in caplog.text

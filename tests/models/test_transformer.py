@@ -170,6 +170,16 @@ def test_save_and_from_pretrained_round_trip(tmp_path: Path):
         assert_close_scaled(loaded(**inputs)[0], model(**inputs)[0], 1e-6, "round trip")
 
 
+def test_extra_checkpoint_tensor_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    model = tiny_model()
+    state = {**model.state_dict(), "blocks.0.attn1.extra_scale": torch.ones(3)}
+    folder = save_component(tmp_path / "transformer", model.config.to_dict(), state)
+    with caplog.at_level("WARNING", logger="ruyi_trt.models.checkpoint_io"):
+        loaded = RuyiTransformer3D.from_pretrained(folder)
+    assert "1 tensor(s) not used by RuyiTransformer3D, left out: blocks.0.attn1.extra_scale" in caplog.text
+    assert torch.equal(loaded.blocks[0].attn1.to_q.weight, model.blocks[0].attn1.to_q.weight)
+
+
 def test_bf16_forward_is_finite():
     model = tiny_model()
     inputs = make_inputs(model.config, batch=2, frames=2, height=4, width=6, clip_tokens=16)

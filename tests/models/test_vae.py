@@ -76,19 +76,28 @@ def test_tiny_save_and_from_pretrained(tmp_path: Path) -> None:
     assert torch.equal(loaded.decode(mean), model.decode(mean))
 
 
-@pytest.mark.parametrize("change", ["missing", "unexpected", "misshaped"])
+@pytest.mark.parametrize("change", ["missing", "misshaped"])
 def test_from_pretrained_rejects_key_mismatch(tmp_path: Path, change: str) -> None:
     model = _tiny_model()
     state = dict(model.state_dict())
     if change == "missing":
         state.pop("decoder.conv_out.bias")
-    elif change == "unexpected":
-        state["encoder.extra.weight"] = torch.zeros(1)
     else:
         state["quant_conv.bias"] = torch.zeros(3)
     save_component(tmp_path, model.config.to_dict(), state)
     with pytest.raises(CheckpointError, match=change.replace("misshaped", "mis-shaped")):
         RuyiVAE.from_pretrained(tmp_path)
+
+
+def test_unexpected_keys_are_a_warning_that_names_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An extra tensor in a checkpoint never blocks loading (the original loads with strict=False)."""
+    model = _tiny_model()
+    state = {**model.state_dict(), "encoder.extra.weight": torch.zeros(1), "zz_unused": torch.ones(2)}
+    save_component(tmp_path, model.config.to_dict(), state)
+    with caplog.at_level("WARNING", logger="ruyi_trt.models.checkpoint_io"):
+        loaded = RuyiVAE.from_pretrained(tmp_path)
+    assert "2 tensor(s) not used by RuyiVAE, left out: encoder.extra.weight, zz_unused" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 @torch.no_grad()

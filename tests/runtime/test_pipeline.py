@@ -40,8 +40,8 @@ class RecordingDenoiser:
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
-    def start(self, num_calls: int) -> None:
-        self.inner.start(num_calls)
+    def start(self, num_calls: int, num_steps: int | None = None) -> None:
+        self.inner.start(num_calls, num_steps)
 
     def __call__(self, **inputs):
         self.calls.append(inputs)

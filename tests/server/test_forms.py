@@ -23,7 +23,8 @@ def test_a_good_submission() -> None:
                                    ("size", "64x96"), ("cfg", "1"), ("camera", "left"), ("motion", "auto")])  # fmt: skip
     assert submission.start_images == [start] and submission.end_images == [end]
     assert submission.options == {"frames": 16, "resolution": 512, "size": [64, 96], "camera": "left",
-                                  "motion": "auto", "steps": 25, "cfg": 1.0, "seed": 42, "scheduler": "DDIM"}  # fmt: skip
+                                  "motion": "auto", "steps": 25, "cfg": 1.0, "seed": 42, "scheduler": "DDIM",
+                                  "aspect_ratio": "16:9", "noise_device": "cpu"}  # fmt: skip
     keywords = request_options(submission.options)
     assert keywords["guidance_scale"] == 1.0 and keywords["size"] == (64, 96) and "cfg" not in keywords
 
@@ -35,7 +36,9 @@ def test_a_good_submission() -> None:
         ([("frames", "0")], "frames", "outside 1..120"),
         ([("frames", "5")], "frames", "rounds down to 0"),
         ([("frames", "eight")], "frames", "not an integer"),
-        ([("resolution", "640")], "resolution", "not supported"),
+        ([("resolution", "650")], "resolution", "not supported"),
+        ([("aspect_ratio", "wide")], "aspect_ratio", "must look like '16:9'"),
+        ([("noise_device", "tpu")], "noise_device", "unknown"),
         ([("size", "65x64")], "size", "multiples of 16"),
         ([("camera", "zoom")], "camera", "unknown"),
         ([("cfg", "-1")], "cfg", "outside 0.."),
