@@ -224,6 +224,43 @@ def build(model, precision, resolution, frames, batch, per_block, weight_streami
         click.echo(f"{graph}: {'built' if graph in result.built else 'cached'} {folder}")
 
 
+@main.command()
+@click.option("--model", default="tiny", show_default=True, help="Checkpoint folder or 'tiny'.")
+@click.option("--precision", required=True, type=click.Choice(["fp8", "int8"]), help="fp8: FP8 E4M3 per-tensor; int8: INT8 SmoothQuant (per-channel weights).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for scales.safetensors and calibration.json.")
+@click.option("--resolution", default="512,768", show_default=True, help="Base resolutions of the calibration requests (aspect bucket of the start image).")
+@click.option("--size", default=None, help="Explicit HEIGHTxWIDTH instead of --resolution (small test models).")
+@click.option("--frames", default=8, show_default=True, help="Video frames per calibration request.")
+@click.option("--steps", default=25, show_default=True, help="Scheduler steps: every timestep of this schedule is calibrated.")
+@click.option("--alpha", default=0.5, show_default=True, help="SmoothQuant migration strength (int8).")
+@click.option("--image", default=None, type=click.Path(dir_okay=False), help="Start image (default: the bundled example).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def calibrate(model, precision, out_dir, resolution, size, frames, steps, alpha, image, device, no_progress) -> None:
+    """Calibrate the transformer's FP8/INT8 scales with ModelOpt over a small set of requests."""
+    from .calib.scales import ScalesError
+    from .calib.store import CalibrationSettings
+    from .models.checkpoint_io import CheckpointError
+    from .runtime.calibration import calibrate_checkpoint
+    from .runtime.model_source import resolve_model
+    from .runtime.request import load_image
+
+    try:
+        resolutions = tuple(int(r) for r in resolution.split(",") if r.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{resolution!r} is not a comma list of 512/768", param_hint="--resolution") from exc
+    try:
+        settings = CalibrationSettings(resolutions=resolutions, frames=frames, steps=steps, alpha=alpha,
+                                       size=_parse_size(size))  # fmt: skip
+        result = calibrate_checkpoint(resolve_model(model, download=False), precision, out_dir, settings, model,
+                                      device=device, image=load_image(image, "--image") if image else None,
+                                      progress=not no_progress)  # fmt: skip
+    except (ValueError, ImportError, CheckpointError, ScalesError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"calibrated {result.layers} layers ({precision}) in {result.seconds:.1f} s: {out_dir}/scales.safetensors, "
+               f"{out_dir}/calibration.json")
+
+
 def _parse_size(size: str | None) -> tuple[int, int] | None:
     if size is None:
         return None
