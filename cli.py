@@ -38,7 +38,8 @@ def doctor() -> None:
 @click.option("--cfg", "guidance_scale", default=7.0, show_default=True, help="Classifier-free guidance scale (<= 1 turns CFG off).")
 @click.option("--seed", default=42, show_default=True)
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt", "ort-int8", "ort-fp8", "torch-compile", "aoti"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`; ort-int8/ort-fp8: ort with the calibrated Q/DQ transformer; torch-compile: torch.compile'd blocks; aoti: AOTInductor packages made by `ruyi-trt build --engine aoti`.")
+@click.option("--calibration", default=None, type=click.Path(file_okay=False), help="ort-int8/ort-fp8: calibration folder from `ruyi-trt calibrate` (default: the cached one, calibrated on first use).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda (fp16 with --backend ort) and with --plan-only, fp32 on cpu.")
 @click.option("--memory-mode", default="auto", show_default=True, type=click.Choice(["auto", "full_gpu", "normal", "low_gpu"]), help="auto: plan streaming/offload for the GPU's free memory (or --vram-budget).")
@@ -53,7 +54,7 @@ def doctor() -> None:
 @click.option("--lora-strength", default=1.0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
-        seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
+        seed, scheduler, backend, calibration, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
         fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress) -> None:
     """Generate a video from a start image (and optionally an end image)."""
     from .models.checkpoint import Checkpoint
@@ -68,7 +69,7 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
     run_options = dict(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
         fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
-        lora_strength=lora_strength, vram_budget=vram_budget_gb,
+        lora_strength=lora_strength, vram_budget=vram_budget_gb, calibration=calibration,
     )  # fmt: skip
     video_options = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
@@ -91,6 +92,11 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         if frames_dir is not None:
             check_output_path(frames_dir, "--frames-dir")
         request = VideoRequest.from_inputs(list(images), list(end_images) or None, **video_options)
+        if backend in ("ort-int8", "ort-fp8") and calibration is None:  # calibrated on first use, then cached
+            from .runtime.calibration import ensure_calibrated
+
+            run_options["calibration"] = str(ensure_calibrated(Checkpoint.resolve(model), backend.removeprefix("ort-"),
+                                                               progress=not no_progress))  # fmt: skip
         pipe = RuyiPipeline.from_pretrained(model, **run_options)
         plan = pipe.plan(request)
         if plan is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ..calib.quantize import calibrate_module
 from ..calib.scales import PRECISIONS
 from ..calib.store import CalibrationSettings, cache_dir, read_record, versions, write_calibration
 from ..export.manifest import component_hash
-from .loading import RuntimeOptions, default_dtype, load_pipeline
+from .loading import QUANTIZED_ORT, RuntimeOptions, default_dtype, load_pipeline
 from .request import VideoRequest
 
 log = logging.getLogger(__name__)
@@ -136,3 +136,15 @@ def ensure_calibrated(folder: str | Path, precision: str, settings: CalibrationS
         log.info("no %s calibration of %s cached: calibrating", precision, folder)
         calibrate_checkpoint(folder, precision, target, settings, model_name, progress=progress)
     return target
+
+
+def with_calibration(model: str | Path | None, options: RuntimeOptions, progress: bool = True) -> RuntimeOptions:
+    """`options` with a calibration folder when its backend needs one (ort-int8 / ort-fp8) and none is given:
+    the cached calibration of the model, made now when missing (like `--backend ort` exports on first use)."""
+    from .model_source import resolve_model
+
+    if options.backend not in QUANTIZED_ORT or options.calibration is not None:
+        return options
+    folder = resolve_model(model)
+    calibration = ensure_calibrated(folder, QUANTIZED_ORT[options.backend], model_name=str(model or folder), progress=progress)
+    return replace(options, calibration=str(calibration))

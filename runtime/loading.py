@@ -34,7 +34,13 @@ from .memory.plan import (
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("torch", "ort", "trt")  # ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: trt_backend.py
+BACKENDS = ("torch", "ort", "trt", "ort-int8", "ort-fp8", "torch-compile", "aoti")
+# ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: runtime/backends/trt_backend.py;
+# ort-int8/ort-fp8: ort with the transformer's calibrated Q/DQ graph (needs `calibration`, see runtime/calibration.py);
+# torch-compile: torch with every block torch.compile'd (runtime/backends/compiled.py); aoti: torch with the
+# transformer as AOTInductor packages made by `ruyi-trt build --engine aoti` (runtime/backends/aoti_backend.py)
+ORT_BACKENDS = ("ort", "ort-int8", "ort-fp8")
+QUANTIZED_ORT = {"ort-int8": "int8", "ort-fp8": "fp8"}
 MEMORY_MODES = PLAN_MODES
 
 
@@ -65,6 +71,7 @@ class RuntimeOptions:
     lora_strength: float = 1.0
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
+    calibration: str | None = None  # ort-int8 / ort-fp8: the calibration folder (ruyi-trt calibrate --out)
 
     @classmethod
     def make(
@@ -81,6 +88,7 @@ class RuntimeOptions:
         enhance_a_video: float | None = None,
         lora: str | Path | None = None,
         lora_strength: float = 1.0,
+        calibration: str | Path | None = None,
     ) -> RuntimeOptions:
         """Validated options from `RuyiPipeline.from_pretrained`'s keywords: device defaults to cuda when a GPU is
         visible (else cpu), dtype to `default_dtype(device, backend)`."""
@@ -89,7 +97,7 @@ class RuntimeOptions:
             backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
             offload_steps=offload_steps, fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache,
             lora=str(lora) if lora is not None else None, lora_strength=lora_strength, vram_budget_gb=vram_budget,
-            enhance_a_video=enhance_a_video,
+            enhance_a_video=enhance_a_video, calibration=str(calibration) if calibration is not None else None,
         )  # fmt: skip
         options.validate()
         return options
@@ -111,21 +119,23 @@ class RuntimeOptions:
             raise ValueError(f"teacache_threshold: {self.teacache_threshold} must be within (0, 1].")
         if self.enhance_a_video is not None and not 0.0 <= self.enhance_a_video <= 100.0:
             raise ValueError(f"enhance_a_video: {self.enhance_a_video} must be within [0, 100] (the reference suggests < 10).")
-        if self.enhance_a_video is not None and self.backend != "torch":
+        if self.enhance_a_video is not None and self.backend not in ("torch", "torch-compile"):
             raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
                              "use --backend torch.")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
             raise ValueError(f"vram_budget_gb: {self.vram_budget_gb} must be positive (GiB).")
-        if self.backend == "ort" and self.dtype == "bf16":
-            raise ValueError("dtype: bf16 is not supported by backend ort (ONNX Runtime's Python API has no bfloat16 "
+        if self.backend in ORT_BACKENDS and self.dtype == "bf16":
+            raise ValueError(f"dtype: bf16 is not supported by backend {self.backend} (ONNX Runtime's Python API has no bfloat16 "
                              "arrays); use fp16 or fp32.")
-        if self.backend == "ort":
+        if self.backend in ORT_BACKENDS:
             torch_only = {"fp8": self.fp8 != "none", "lora": self.lora is not None, "offload_steps": bool(self.offload_steps),
                           "teacache": self.teacache_threshold is not None,
                           "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # ORT places its own memory
             used = [name for name, on in torch_only.items() if on]
             if used:
-                raise ValueError(f"backend ort: {used} only apply to the torch backend; drop them or use --backend torch.")
+                raise ValueError(f"backend {self.backend}: {used} only apply to the torch backend; drop them or use --backend torch.")
+        if self.calibration is not None and self.backend not in QUANTIZED_ORT:
+            raise ValueError(f"backend {self.backend}: calibration applies to ort-int8 / ort-fp8 only.")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: cuda was requested but no CUDA GPU is visible; use --device cpu.")
@@ -135,7 +145,7 @@ def default_dtype(device: str, backend: str) -> str:
     """bf16 on a GPU (fp16 with ONNX Runtime, which has no bf16 arrays), fp32 on the CPU."""
     if not device.startswith("cuda"):
         return "fp32"
-    return "fp16" if backend == "ort" else "bf16"
+    return "fp16" if backend in ORT_BACKENDS else "bf16"
 
 
 def run_settings(options: RuntimeOptions, num_blocks: int, plan: MemoryPlan | None = None) -> PlanSettings:
@@ -158,7 +168,7 @@ def plan_depends_on_video(options: RuntimeOptions) -> bool:
     """Whether the memory plan (and so what is loaded) depends on the video size: memory_mode auto on the torch or
     TensorRT backend with a CUDA device or a --vram-budget to plan for."""
     planned = options.vram_budget_gb is not None or torch.device(options.device).type == "cuda"
-    return options.memory_mode == "auto" and options.backend != "ort" and planned
+    return options.memory_mode == "auto" and options.backend not in ORT_BACKENDS and planned
 
 
 def memory_plan(
@@ -189,13 +199,32 @@ def memory_plan(
     return plan_memory(checkpoint.transformer, checkpoint.vae, ClipSpec.from_config(checkpoint.image_encoder), request)
 
 
+def calibration_folder(checkpoint: Checkpoint, options: RuntimeOptions) -> Path:
+    """ort-int8 / ort-fp8: `options.calibration`, else the cached calibration of the checkpoint (default settings);
+    ValueError naming the calibrate command when there is none (`ruyi-trt run` and `bench` calibrate first)."""
+    from ..calib.store import CalibrationSettings, cache_dir, read_record
+
+    precision = QUANTIZED_ORT[options.backend]
+    if options.calibration is not None:
+        return Path(options.calibration)
+    folder = cache_dir(checkpoint.weights_hash("transformer"), precision, CalibrationSettings())
+    if read_record(folder) is None:
+        raise ValueError(f"backend {options.backend}: no calibration of {checkpoint.name} is cached; make one with "
+                         f"ruyi-trt calibrate --model {checkpoint.name} --precision {precision} --out DIR and pass "
+                         "calibration=DIR (--calibration DIR), or use ruyi-trt run, which calibrates on first use.")
+    return folder
+
+
 def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: MemoryPlan | None = None) -> Components:
     """Load the checkpoint's four components for `options.backend`, following `plan` (torch and TensorRT)."""
     options.validate()
-    if options.backend == "ort":
+    if options.backend in ORT_BACKENDS:
         from .backends.ort_backend import ort_components
 
-        return ort_components(checkpoint, options.device, options.dtype)  # ONNX Runtime places its own memory
+        quantized = None
+        if options.backend in QUANTIZED_ORT:
+            quantized = (QUANTIZED_ORT[options.backend], calibration_folder(checkpoint, options))
+        return ort_components(checkpoint, options.device, options.dtype, quantized=quantized)  # ORT places its own memory
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
