@@ -13,7 +13,10 @@ from pathlib import Path
 from ..export.onnx_export import ExportSettings
 from .profiles import FrameRange, parse_frames, parse_resolutions, resolution_sizes
 
-PRECISIONS = ("fp16", "bf16", "fp8")
+PRECISIONS = ("fp16", "bf16", "fp8", "int8")  # TensorRT; fp8/int8: Q/DQ graphs from a calibration (calib/)
+AOTI_PRECISIONS = ("fp32", "fp16", "bf16")  # --engine aoti: the run dtype
+ENGINES = ("tensorrt", "aoti")
+QUANTIZED = ("fp8", "int8")
 BATCHES = (1, 2)
 
 
@@ -32,6 +35,8 @@ class BuildSettings:
     timing_cache: Path | None = None
     workspace_gb: float | None = None
     out: Path | None = None  # engine folder root; default cache_root()/engines
+    engine: str = "tensorrt"  # or "aoti": AOTInductor packages of the transformer blocks (engine/aoti.py)
+    calibration: Path | None = None  # fp8/int8: the calibration folder (ruyi-trt calibrate --out)
 
     @classmethod
     def from_strings(cls, model: str, precision: str, resolution: str, frames: str, **kwargs) -> BuildSettings:
@@ -43,13 +48,19 @@ class BuildSettings:
 
     def validate(self) -> None:
         """ValueError naming the option, the value and what is allowed."""
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision: {self.precision!r} is not supported; use one of {PRECISIONS}.")
-        if self.precision == "fp8":
-            raise ValueError(
-                "--precision fp8: FP8 engines need calibrated graphs with explicit Q/DQ nodes (the calib/ stage), "
-                "which is not built yet; use --precision fp16 or bf16 (or the torch backend's --fp8 weight storage)."
-            )
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine: {self.engine!r} is not supported; use one of {ENGINES}.")
+        allowed = AOTI_PRECISIONS if self.engine == "aoti" else PRECISIONS
+        if self.precision not in allowed:
+            raise ValueError(f"--precision: {self.precision!r} is not supported with --engine {self.engine}; use one of {allowed}.")
+        if self.engine == "aoti" and (self.weight_streaming or self.refit or self.per_block):
+            raise ValueError("--engine aoti: --weight-streaming, --refit and --per-block are TensorRT options (AOTInductor "
+                             "packages are always per block and load their weights at run time).")
+        if self.precision in QUANTIZED and self.per_block:
+            raise ValueError(f"--precision {self.precision}: the Q/DQ transformer is one whole graph (its weights are "
+                             "quantized initializers); drop --per-block.")
+        if self.calibration is not None and self.precision not in QUANTIZED:
+            raise ValueError(f"--calibration applies to --precision fp8/int8 only (got {self.precision}).")
         if self.batch not in BATCHES:
             raise ValueError(f"--batch: {self.batch} is not supported; use 1 (no CFG / cfg_split) or 2 (CFG).")
         if self.workspace_gb is not None and self.workspace_gb <= 0:
@@ -60,8 +71,9 @@ class BuildSettings:
         parse_frames(str(self.frames))
 
     def export_settings(self) -> ExportSettings:
-        """The ONNX export these engines are built from (the graph's dtypes carry the precision)."""
-        return ExportSettings(dtype=self.precision, per_block=self.per_block)
+        """The ONNX export these engines are built from (the graph's dtypes carry the precision; fp8/int8 graphs are
+        fp16 graphs with Q/DQ added, export/qdq.py)."""
+        return ExportSettings(dtype="fp16" if self.precision in QUANTIZED else self.precision, per_block=self.per_block)
 
     def widened(self, height: int, width: int, frames: int, batch: int) -> BuildSettings:
         """These settings grown to also cover one request size (for 'rebuild with ...' messages)."""
@@ -85,6 +97,10 @@ class BuildSettings:
             parts += ["--workspace", f"{self.workspace_gb:g}"]
         if self.out is not None:
             parts += ["--out", str(self.out)]
+        if self.engine != "tensorrt":
+            parts += ["--engine", self.engine]
+        if self.calibration is not None:
+            parts += ["--calibration", str(self.calibration)]
         return " ".join(shlex.quote(p) for p in parts)
 
     def to_json(self) -> dict:
@@ -94,6 +110,7 @@ class BuildSettings:
             "weight_streaming": self.weight_streaming, "refit": self.refit,
             "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
             "workspace_gb": self.workspace_gb, "out": None if self.out is None else str(self.out),
+            "engine": self.engine, "calibration": None if self.calibration is None else str(self.calibration),
         }  # fmt: skip
 
     @classmethod
@@ -104,5 +121,7 @@ class BuildSettings:
             weight_streaming=data["weight_streaming"], refit=data["refit"],
             timing_cache=None if data["timing_cache"] is None else Path(data["timing_cache"]),
             workspace_gb=data["workspace_gb"], out=None if data["out"] is None else Path(data["out"]),
+            engine=data.get("engine", "tensorrt"),
+            calibration=None if data.get("calibration") is None else Path(data["calibration"]),
         )  # fmt: skip
 

@@ -2,9 +2,8 @@
 
 | name                 | what changes (only the denoiser; the other stages run as eager torch)                      |
 |----------------------|---------------------------------------------------------------------------------------------|
-| torch-compile        | torch.compile of every transformer block (regional compilation: the 40 identical blocks     |
-|                      | share one compiled graph, so compiling takes about one block's time), default mode          |
-| torch-compile-max    | the same with mode="max-autotune-no-cudagraphs" (long autotuning in the warm-up)            |
+| torch-compile-max    | the torch-compile backend's regional compilation (runtime/backends/compiled.py) with        |
+|                      | mode="max-autotune-no-cudagraphs" (long autotuning in the warm-up)                          |
 | torch-cudagraph      | the whole denoiser call captured into a CUDA graph once per input shape, then replayed      |
 | torch-sdpa-flash     | scaled_dot_product_attention restricted to FlashAttention                                   |
 | torch-sdpa-cudnn     | ... restricted to cuDNN attention                                                            |
@@ -13,6 +12,7 @@
 | torch-lowgpu         | block streaming, RuntimeOptions(memory_mode="low_gpu"): block weights visit the GPU one at a |
 |                      | time (slower, about 2 GB of weights resident instead of 14)                                  |
 Compilation, graph capture and autotuning happen in the warm-up calls, which are timed separately (warmup_s).
+`torch-compile` itself is a run backend (`--backend torch-compile`), benchmarked like ort or trt.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.transformer import RuyiTransformer3D
+from ..runtime.backends.compiled import CompiledBlocks
 from ..runtime.backends.protocol import Denoiser
 
 
@@ -41,7 +41,6 @@ class FastPath:
 FAST_PATHS: dict[str, FastPath] = {
     path.name: path
     for path in (
-        FastPath("torch-compile", "torch.compile of each transformer block (default mode)", False, compile_mode="default"),
         FastPath("torch-compile-max", "torch.compile of each block, mode max-autotune-no-cudagraphs", True,
                  compile_mode="max-autotune-no-cudagraphs"),
         FastPath("torch-cudagraph", "CUDA graph of the whole denoiser call, captured per shape", True, cuda_graph=True),
@@ -53,36 +52,6 @@ FAST_PATHS: dict[str, FastPath] = {
         FastPath("torch-lowgpu", "block streaming (memory_mode low_gpu)", True, memory_mode="low_gpu"),
     )
 }  # fmt: skip
-
-
-def _inner_model(denoiser: Denoiser) -> RuyiTransformer3D:
-    model = getattr(denoiser, "model", None)
-    if not isinstance(model, RuyiTransformer3D):
-        raise TypeError(f"{type(denoiser).__name__} holds no torch transformer to compile")
-    return model
-
-
-class CompiledBlocks:
-    """Compiles each transformer block's forward in place (whoever holds the blocks, e.g. a block streamer,
-    runs the compiled code); `close` puts the plain forwards back."""
-
-    def __init__(self, base: Denoiser, mode: str):
-        self.base = base
-        self.blocks = list(_inner_model(base).blocks)
-        compile_mode = None if mode == "default" else mode
-        for block in self.blocks:
-            block.forward = torch.compile(block.forward, mode=compile_mode)
-
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.base(**inputs)
-
-    def start(self, num_calls: int) -> None:
-        self.base.start(num_calls)
-
-    def close(self) -> None:
-        for block in self.blocks:
-            del block.forward  # the instance attribute; the class's forward shows again
-        self.base.close()
 
 
 class SdpaKernel:
@@ -170,7 +139,7 @@ class CudaGraphDenoiser:
 def wrap_denoiser(path: FastPath, base: Denoiser, device: torch.device, dtype: torch.dtype) -> Denoiser:
     """The denoiser of `path` around a torch denoiser (block streaming is set when loading, not here)."""
     if path.compile_mode is not None:
-        return CompiledBlocks(base, path.compile_mode)
+        return CompiledBlocks(base, None if path.compile_mode == "default" else path.compile_mode)
     if path.sdpa is not None:
         return SdpaKernel(base, path.sdpa)
     if path.cuda_graph:

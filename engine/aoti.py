@@ -1,0 +1,272 @@
+"""AOTInductor engines (`ruyi-trt build --engine aoti`): the transformer blocks compiled ahead of time by
+torch.export + AOTInductor, cached and refused exactly like TensorRT engines.
+
+One package per block type (`transformer_block_plain`, `transformer_block_skip`, the per-block graphs of
+export/specs.py), built for the same optimization profile (engine/profiles.py: resolutions x frames x batch)
+and kept in `engines_root()/aoti/<key>/` with the same `engine.json` sidecar and `build.log` (engine/cache.py):
+the key hashes the graph, the precision, the profile and the platform (CPU vector ISA or GPU, torch version).
+
+- Weights stay outside the package (`aot_inductor.package_constants_in_so=False`): a package depends on the
+  architecture only (the sidecar's checkpoint_hash is the transformer config's hash), and a run loads each
+  block's tensors with `load_constants` before calling it, so 40 blocks share one package, and LoRA merges or
+  other checkpoints of the same architecture need no rebuild.
+- Shapes: tokens are [B, T, S, D] (S = tokens per frame) and the RoPE tables [S, d]; T and S are dynamic
+  within the profile. AOTInductor does not check the declared range at run time, so `AotiPackage.run` does
+  (engine.cache.outside_profile, an EngineMismatchError naming the build command). The batch is exported
+  static at the profile's largest batch: torch.export cannot keep a dim that may be 1 dynamic (its 0/1
+  specialization), so batch-1 calls of a batch-2 package run duplicated (half the result is used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..export.specs import TORCH_DTYPES, ExportSpec, TensorSpec
+from ..files import atomic_write
+from . import cache
+from .profiles import Profile, graph_profile, profile_to_json
+from .settings import BuildSettings
+
+log = logging.getLogger(__name__)
+
+ENGINE = "aoti"
+AOTI_GRAPHS = ("transformer_block_plain", "transformer_block_skip")
+PACKAGE_NAME = "engine.pt2"
+_DYNAMIC_DIMS = ("latent_frames", "tokens_per_frame")
+
+
+class AotiBlockGraph(nn.Module):
+    """One block over [B, T, S, D] tokens with per-frame RoPE tables [S, d] (-> tokens_out [B, T, S, D])."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, tokens: Tensor, temb: Tensor, text_states: Tensor, clip_states: Tensor, rope_cos: Tensor,
+                rope_sin: Tensor, skip: Tensor | None = None) -> Tensor:  # fmt: skip
+        batch, frames, per_frame, dim = tokens.shape
+        x = tokens.reshape(batch, frames * per_frame, dim)
+        if skip is not None:
+            skip = skip.reshape(batch, frames * per_frame, dim)
+        cos, sin = rope_cos.repeat(frames, 1), rope_sin.repeat(frames, 1)
+        out = self.block(x, temb, text_states, clip_states, cos, sin, frames, skip)
+        return out.reshape(batch, frames, per_frame, dim)
+
+
+def aoti_root(out: Path | None = None) -> Path:
+    """`engines_root(out)/aoti`: AOTInductor packages live beside, never among, the TensorRT engines."""
+    return cache.engines_root(out) / ENGINE
+
+
+def aoti_platform(device: torch.device) -> cache.Platform:
+    """What a package is tied to: the GPU and its compute capability, or the CPU's vector ISA; and torch."""
+    runtime = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return cache.Platform(props.name, f"{props.major}.{props.minor}", runtime)
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return cache.Platform("cpu", f"cpu-{pick_vec_isa() or 'scalar'}", runtime)
+
+
+def config_hash(checkpoint_dir: Path) -> str:
+    """The transformer's architecture identity: sha256 of its config.json (the weights are loaded at run time)."""
+    from ..models.checkpoint_io import read_config
+
+    text = json.dumps(read_config(Path(checkpoint_dir) / "transformer"), sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def aoti_spec(onnx_spec: ExportSpec, config) -> ExportSpec:
+    """The AOTI form of a per-block graph spec: data inputs only (no weights), tokens [B, T, S, D]."""
+    tokens = ("batch", "latent_frames", "tokens_per_frame", config.inner_dim)
+    weights = set(_block_of(config, onnx_spec.name).state_dict())
+    inputs = []
+    for tensor in onnx_spec.inputs:
+        if tensor.name in weights:
+            continue
+        inputs.append(dataclasses.replace(tensor, shape=tokens) if tensor.name in ("tokens", "skip") else tensor)
+    outputs = tuple(dataclasses.replace(t, shape=tokens) for t in onnx_spec.outputs)
+    return dataclasses.replace(onnx_spec, inputs=tuple(inputs), outputs=outputs)
+
+
+def _block_of(config, graph: str) -> nn.Module:
+    from ..export.specs import example_block
+
+    return example_block(config, has_skip=graph == "transformer_block_skip")
+
+
+def aoti_specs(checkpoint_dir: Path, precision: str) -> dict[str, ExportSpec]:
+    """The AOTI specs of both block graphs, from the checkpoint's configs."""
+    from ..models.checkpoint_io import read_config
+    from ..models.transformer import TransformerConfig
+    from .profiles import graph_specs
+
+    config = TransformerConfig.from_dict(read_config(Path(checkpoint_dir) / "transformer"))
+    specs = graph_specs(Path(checkpoint_dir), precision)
+    return {graph: aoti_spec(specs[graph], config) for graph in AOTI_GRAPHS}
+
+
+def source_hash(graph: str, spec: ExportSpec, checkpoint_dir: Path, precision: str) -> str:
+    """Plays the ONNX hash's role in the key: what the package is traced from (architecture, interface, dtype)."""
+    payload = {"graph": graph, "config": config_hash(checkpoint_dir), "spec": spec.to_dict(), "precision": precision,
+               "torch": torch.__version__}  # fmt: skip
+    return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def build_aoti_engines(settings: BuildSettings, result, progress: bool = True) -> None:
+    """Build (or find) both block packages for `settings` (engine aoti); fills `result` (an engine.build.BuildResult)."""
+    from ..runtime.model_source import resolve_model
+
+    settings.validate()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    platform = aoti_platform(device)
+    checkpoint = resolve_model(settings.model)
+    specs = aoti_specs(checkpoint, settings.precision)
+    flags = {"engine": ENGINE}
+    root = aoti_root(settings.out)
+    for graph in tqdm(AOTI_GRAPHS, desc="build aoti", unit="package", disable=not progress):
+        spec = specs[graph]
+        profile = graph_profile(spec, "transformer", settings.resolutions, settings.frames, settings.batch)
+        source = source_hash(graph, spec, checkpoint, settings.precision)
+        key = cache.engine_key(graph, source, settings.precision, profile, flags, platform)
+        folder = root / key
+        existing = cache.read_record(folder)
+        if existing is not None and (folder / PACKAGE_NAME).is_file():
+            try:
+                _check_package(folder, existing)
+                result.engines[graph] = folder
+                result.reused.append(graph)
+                continue
+            except cache.EngineFileError as exc:
+                log.warning("%s: rebuilding (%s)", graph, exc)
+        started = time.perf_counter()
+        package = compile_package(spec, profile, checkpoint, settings.precision, device, folder)
+        seconds = round(time.perf_counter() - started, 2)
+        data = package.read_bytes()
+        record = cache.EngineRecord(
+            key=key, graph=graph, component="transformer", precision=settings.precision, platform=platform,
+            checkpoint_hash=config_hash(checkpoint), onnx_hash=source, onnx_file="", profile=profile, flags=flags,
+            settings=settings, engine_bytes=len(data), engine_sha256=hashlib.sha256(data).hexdigest(),
+            build_seconds=seconds,
+        )  # fmt: skip
+        lines = [f"ruyi-trt build log: {graph} (AOTInductor)", f"command: {settings.command()}",
+                 f"source: {source}", f"platform: {platform}", f"profile: {json.dumps(profile_to_json(profile))}",
+                 f"built in {seconds} s, {len(data)} bytes (weights not included: loaded at run time)"]  # fmt: skip
+        atomic_write(folder / cache.LOG_NAME, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+        cache.write_record(folder, record)
+        log.info("%s: built %s in %.1f s", graph, folder, seconds)
+        result.engines[graph] = folder
+        result.built.append(graph)
+
+
+def compile_package(spec: ExportSpec, profile: Profile, checkpoint: Path, precision: str, device: torch.device,
+                    folder: Path) -> Path:  # fmt: skip
+    """torch.export the block graph with its dynamic dims bounded by `profile`, AOT-compile it into
+    `folder/engine.pt2` (written atomically)."""
+    from ..models.checkpoint_io import read_config
+    from ..models.transformer import TransformerConfig
+
+    config = TransformerConfig.from_dict(read_config(checkpoint / "transformer"))
+    dtype = TORCH_DTYPES[spec.inputs[0].dtype]
+    block = _block_of(config, spec.name).to_empty(device=device).to(dtype)
+    with torch.no_grad():  # any values do: the weights are not compiled in
+        for tensor in block.state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape) * 0.02)
+    module = AotiBlockGraph(block).eval()
+    dims = _export_dims(profile, spec)
+    sample = {t.name: _sample(t, profile, device) for t in spec.inputs}
+    dynamic = {t.name: {axis: dims[name] for axis, name in enumerate(t.shape) if name in dims} or None for t in spec.inputs}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".aoti.", dir=folder))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module, (), sample, dynamic_shapes=dynamic)
+            configs = {"aot_inductor.package_constants_in_so": False}
+            if dtype != torch.float32:  # derived constants (weight.float() in the fp32 norms) follow load_constants
+                configs["aot_inductor.use_runtime_constant_folding"] = True
+            built = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE_NAME),
+                                                             inductor_configs=configs)  # fmt: skip
+        target = folder / PACKAGE_NAME
+        Path(built).replace(target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_dims(profile: Profile, spec: ExportSpec) -> dict[str, object]:
+    """torch.export Dims for the profile's dynamic named dims (the batch stays static: see the module docstring)."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for tensor in spec.inputs:
+        low, _, high = profile[tensor.name]
+        for axis, name in enumerate(tensor.shape):
+            if name in _DYNAMIC_DIMS and low[axis] != high[axis]:
+                ranges[name] = (low[axis], high[axis])
+    for name, (low, _high) in ranges.items():
+        if low < 2:
+            raise ValueError(f"{name}: AOTInductor packages need at least 2 (got a profile from {low}); widen --frames/--resolution.")
+    return {name: torch.export.Dim(name, min=low, max=high) for name, (low, high) in ranges.items()}
+
+
+def _sample(tensor: TensorSpec, profile: Profile, device: torch.device) -> Tensor:
+    """An input at the profile's opt shape, with the batch at its largest (the package's static batch)."""
+    low, opt, high = profile[tensor.name]
+    shape = list(opt)
+    if tensor.shape and tensor.shape[0] == "batch":
+        shape[0] = high[0]
+    return torch.randn(shape, dtype=TORCH_DTYPES[tensor.dtype]).to(device)
+
+
+def _check_package(folder: Path, record: cache.EngineRecord) -> None:
+    """Size and sha256 of `engine.pt2` against its sidecar (as engine.cache.read_plan does for plans)."""
+    path = folder / PACKAGE_NAME
+    rebuild = f"delete {folder} and rebuild: {record.settings.command()}"
+    if not path.is_file():
+        raise cache.EngineFileError(f"{path} is missing; {rebuild}")
+    if path.stat().st_size != record.engine_bytes or cache.file_digest(path) != record.engine_sha256:
+        raise cache.EngineFileError(f"{path} does not match its sidecar (truncated or corrupt); {rebuild}")
+
+
+class AotiPackage:
+    """One loaded package: `run(constants, **inputs)` loads a block's weights, checks the shapes against the
+    profile and runs it."""
+
+    def __init__(self, folder: Path, record: cache.EngineRecord, device: torch.device):
+        _check_package(folder, record)
+        self.folder, self.record, self.device = folder, record, device
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        self.runner = torch._inductor.aoti_load_package(str(folder / PACKAGE_NAME), device_index=index)
+        self.constant_names = list(self.runner.get_constant_fqns())
+        self.batch = record.profile["tokens"][2][0]  # the static batch the package was exported with
+        self.loaded: int | None = None  # id of the constants dict last loaded
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        problems = cache.outside_profile(self.record.profile, shapes)
+        if problems:
+            raise cache.EngineMismatchError(f"{self.record.graph}: " + "; ".join(problems)
+                                            + f". Rebuild with a wider profile: {self.record.settings.command()}")  # fmt: skip
+
+    def run(self, constants: dict[str, Tensor], **inputs: Tensor) -> Tensor:
+        self.check({name: tuple(t.shape) for name, t in inputs.items()})
+        if self.loaded != id(constants):
+            self.runner.load_constants({name: constants[name] for name in self.constant_names},
+                                       check_full_update=True, user_managed=True)  # fmt: skip
+            self.loaded = id(constants)
+        batch = inputs["tokens"].shape[0]
+        if batch < self.batch:  # see the module docstring: the package's batch is static
+            inputs = {k: torch.cat([v] * (self.batch // batch)) if k not in ("rope_cos", "rope_sin") else v
+                      for k, v in inputs.items()}  # fmt: skip
+        out = self.runner(**inputs)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return out[:batch]
