@@ -123,7 +123,7 @@ def _plan_request(images, video_options: dict):
 
 @main.command()
 @click.option("--model", default="tiny", show_default=True, help="'tiny', 'full-random' (full-size random weights built on the device, no checkpoint) or a checkpoint folder.")
-@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu.")
+@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt, ort-int8, ort-fp8, torch-compile, aoti and the torch fast paths torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu.")
 @click.option("--resolution", default="512", show_default=True, help="Comma list of square sizes, e.g. 512,768.")
 @click.option("--size", default=None, help="Comma list of HEIGHTxWIDTH (multiples of 16) instead of --resolution, e.g. 64x64 for the tiny model.")
 @click.option("--frames", default="24", show_default=True, help="Comma list of video lengths (1 or multiples of 8), e.g. 24,120.")
@@ -135,9 +135,10 @@ def _plan_request(images, video_options: dict):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--time-budget", "time_budget_s", default=None, type=float, help="Skip measurements that would start after this many seconds.")
 @click.option("--max-stage-seconds", default=None, type=float, help="Stop timing a stage once its timed calls add up to this (at least one call).")
+@click.option("--quality", is_flag=True, help="Also run each backend and the reference (torch bf16 on a GPU, fp32 on the CPU) from the same seed: latent cosine and video PSNR in bench.json's quality object.")
 @click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
 def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
-          max_stage_seconds, out) -> None:
+          max_stage_seconds, quality, out) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
     from .tools.bench import BenchConfig, parse_shapes, run_bench
 
@@ -146,7 +147,7 @@ def bench(model, backends, resolution, size, frames, stages, steps, warmup, repe
             model=model, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
             shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
             steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
-            max_stage_seconds=max_stage_seconds,
+            max_stage_seconds=max_stage_seconds, quality=quality,
         )
         results = run_bench(config, out)
     except ValueError as exc:
@@ -197,7 +198,9 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, check, 
 
 @main.command()
 @click.option("--model", default="tiny", show_default=True, help="Checkpoint folder or 'tiny'.")
-@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp8"]), help="Taken from the exported graph's dtypes (strongly typed networks); fp8 needs calibrated Q/DQ graphs.")
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp8", "int8", "fp32"]), help="Taken from the exported graph's dtypes (strongly typed networks); fp8/int8: the transformer's Q/DQ graph from a calibration (fp16 elsewhere); fp32 with --engine aoti only.")
+@click.option("--engine", "engine_kind", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "aoti"]), help="aoti: AOTInductor packages of the transformer blocks (runs wherever torch runs; --backend aoti).")
+@click.option("--calibration", default=None, type=click.Path(file_okay=False), help="fp8/int8: calibration folder from `ruyi-trt calibrate` (default: the cached one, calibrated first when missing).")
 @click.option("--resolution", default="512", show_default=True, help="Comma list: 512 / 768 (every aspect bucket of that base) or HEIGHTxWIDTH.")
 @click.option("--frames", default="24:24:24", show_default=True, help="Video frames MIN:OPT:MAX (multiples of 8, up to 120).")
 @click.option("--batch", default=2, show_default=True, type=click.Choice(["1", "2"]), help="Largest transformer batch: 2 for classifier-free guidance.")
@@ -208,9 +211,10 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, check, 
 @click.option("--workspace", "workspace_gb", default=None, type=float, help="Workspace pool limit in GiB (default: TensorRT's).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Engine folder root (default: the cache, <cache>/engines).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-def build(model, precision, resolution, frames, batch, per_block, weight_streaming, refit, timing_cache, workspace_gb,
-          out, no_progress) -> None:
-    """Export (or reuse) the ONNX graphs and build one cached TensorRT engine per graph."""
+def build(model, precision, engine_kind, calibration, resolution, frames, batch, per_block, weight_streaming, refit,
+          timing_cache, workspace_gb, out, no_progress) -> None:
+    """Export (or reuse) the ONNX graphs and build one cached TensorRT engine per graph (--engine aoti: AOTInductor
+    packages of the transformer blocks)."""
     from pathlib import Path
 
     from .engine.build import build_engines
@@ -221,8 +225,15 @@ def build(model, precision, resolution, frames, batch, per_block, weight_streami
         settings = BuildSettings.from_strings(
             model, precision, resolution, frames, batch=int(batch), per_block=per_block, weight_streaming=weight_streaming,
             refit=refit, timing_cache=Path(timing_cache) if timing_cache else None, workspace_gb=workspace_gb,
-            out=Path(out) if out else None,
+            out=Path(out) if out else None, engine=engine_kind, calibration=Path(calibration) if calibration else None,
         )  # fmt: skip
+        if settings.engine == "tensorrt" and settings.precision in ("fp8", "int8") and settings.calibration is None:
+            from .engine.trt_api import require_tensorrt
+            from .models.checkpoint import Checkpoint
+            from .runtime.calibration import ensure_calibrated
+
+            require_tensorrt("ruyi-trt build")  # before calibrating for engines that cannot be built here
+            ensure_calibrated(Checkpoint.resolve(model), precision, progress=not no_progress)
         result = build_engines(settings, progress=not no_progress)
     except (ValueError, ImportError, RuntimeError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -248,7 +259,6 @@ def calibrate(model, precision, out_dir, resolution, size, frames, steps, alpha,
     from .calib.store import CalibrationSettings
     from .models.checkpoint_io import CheckpointError
     from .runtime.calibration import calibrate_checkpoint
-    from .runtime.model_source import resolve_model
     from .runtime.request import load_image
 
     try:
@@ -258,7 +268,7 @@ def calibrate(model, precision, out_dir, resolution, size, frames, steps, alpha,
     try:
         settings = CalibrationSettings(resolutions=resolutions, frames=frames, steps=steps, alpha=alpha,
                                        size=_parse_size(size))  # fmt: skip
-        result = calibrate_checkpoint(resolve_model(model, download=False), precision, out_dir, settings, model,
+        result = calibrate_checkpoint(model, precision, out_dir, settings,
                                       device=device, image=load_image(image, "--image") if image else None,
                                       progress=not no_progress)  # fmt: skip
     except (ValueError, ImportError, CheckpointError, ScalesError) as exc:

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..export.specs import TORCH_DTYPES, ExportSpec, TensorSpec
+from ..export.specs import TORCH_DTYPES, ExportSpec
 from ..files import atomic_write
+from ..models.checkpoint import Checkpoint
+from ..models.transformer import TransformerConfig
 from . import cache
 from .profiles import Profile, graph_profile, profile_to_json
 from .settings import BuildSettings
@@ -80,11 +82,9 @@ def aoti_platform(device: torch.device) -> cache.Platform:
     return cache.Platform("cpu", f"cpu-{pick_vec_isa() or 'scalar'}", runtime)
 
 
-def config_hash(checkpoint_dir: Path) -> str:
-    """The transformer's architecture identity: sha256 of its config.json (the weights are loaded at run time)."""
-    from ..models.checkpoint_io import read_config
-
-    text = json.dumps(read_config(Path(checkpoint_dir) / "transformer"), sort_keys=True)
+def config_hash(checkpoint: Checkpoint) -> str:
+    """The transformer's architecture identity: sha256 of its config (the weights are loaded at run time)."""
+    text = json.dumps(checkpoint.transformer.to_dict(), sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -107,32 +107,27 @@ def _block_of(config, graph: str) -> nn.Module:
     return example_block(config, has_skip=graph == "transformer_block_skip")
 
 
-def aoti_specs(checkpoint_dir: Path, precision: str) -> dict[str, ExportSpec]:
+def aoti_specs(checkpoint: Checkpoint, precision: str) -> dict[str, ExportSpec]:
     """The AOTI specs of both block graphs, from the checkpoint's configs."""
-    from ..models.checkpoint_io import read_config
-    from ..models.transformer import TransformerConfig
     from .profiles import graph_specs
 
-    config = TransformerConfig.from_dict(read_config(Path(checkpoint_dir) / "transformer"))
-    specs = graph_specs(Path(checkpoint_dir), precision)
-    return {graph: aoti_spec(specs[graph], config) for graph in AOTI_GRAPHS}
+    specs = graph_specs(checkpoint, precision)
+    return {graph: aoti_spec(specs[graph], checkpoint.transformer) for graph in AOTI_GRAPHS}
 
 
-def source_hash(graph: str, spec: ExportSpec, checkpoint_dir: Path, precision: str) -> str:
+def source_hash(graph: str, spec: ExportSpec, checkpoint: Checkpoint, precision: str) -> str:
     """Plays the ONNX hash's role in the key: what the package is traced from (architecture, interface, dtype)."""
-    payload = {"graph": graph, "config": config_hash(checkpoint_dir), "spec": spec.to_dict(), "precision": precision,
+    payload = {"graph": graph, "config": config_hash(checkpoint), "spec": spec.to_dict(), "precision": precision,
                "torch": torch.__version__}  # fmt: skip
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def build_aoti_engines(settings: BuildSettings, result, progress: bool = True) -> None:
     """Build (or find) both block packages for `settings` (engine aoti); fills `result` (an engine.build.BuildResult)."""
-    from ..runtime.model_source import resolve_model
-
     settings.validate()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     platform = aoti_platform(device)
-    checkpoint = resolve_model(settings.model)
+    checkpoint = Checkpoint.resolve(settings.model)
     specs = aoti_specs(checkpoint, settings.precision)
     flags = {"engine": ENGINE}
     root = aoti_root(settings.out)
@@ -152,7 +147,7 @@ def build_aoti_engines(settings: BuildSettings, result, progress: bool = True) -
             except cache.EngineFileError as exc:
                 log.warning("%s: rebuilding (%s)", graph, exc)
         started = time.perf_counter()
-        package = compile_package(spec, profile, checkpoint, settings.precision, device, folder)
+        package = compile_package(spec, profile, checkpoint.transformer, device, folder)
         seconds = round(time.perf_counter() - started, 2)
         data = package.read_bytes()
         record = cache.EngineRecord(
@@ -164,21 +159,17 @@ def build_aoti_engines(settings: BuildSettings, result, progress: bool = True) -
         lines = [f"ruyi-trt build log: {graph} (AOTInductor)", f"command: {settings.command()}",
                  f"source: {source}", f"platform: {platform}", f"profile: {json.dumps(profile_to_json(profile))}",
                  f"built in {seconds} s, {len(data)} bytes (weights not included: loaded at run time)"]  # fmt: skip
-        atomic_write(folder / cache.LOG_NAME, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+        text = "\n".join(lines) + "\n"
+        atomic_write(folder / cache.LOG_NAME, lambda tmp, text=text: tmp.write_text(text))
         cache.write_record(folder, record)
         log.info("%s: built %s in %.1f s", graph, folder, seconds)
         result.engines[graph] = folder
         result.built.append(graph)
 
 
-def compile_package(spec: ExportSpec, profile: Profile, checkpoint: Path, precision: str, device: torch.device,
+def compile_package(spec: ExportSpec, profile: Profile, config: TransformerConfig, device: torch.device,
                     folder: Path) -> Path:  # fmt: skip
-    """torch.export the block graph with its dynamic dims bounded by `profile`, AOT-compile it into
-    `folder/engine.pt2` (written atomically)."""
-    from ..models.checkpoint_io import read_config
-    from ..models.transformer import TransformerConfig
-
-    config = TransformerConfig.from_dict(read_config(checkpoint / "transformer"))
+    """torch.export the block graph of `config` for `profile`, AOT-compile it into `folder/engine.pt2` (atomically)."""
     dtype = TORCH_DTYPES[spec.inputs[0].dtype]
     block = _block_of(config, spec.name).to_empty(device=device).to(dtype)
     with torch.no_grad():  # any values do: the weights are not compiled in
@@ -186,7 +177,7 @@ def compile_package(spec: ExportSpec, profile: Profile, checkpoint: Path, precis
             tensor.copy_(torch.randn(tensor.shape) * 0.02)
     module = AotiBlockGraph(block).eval()
     dims = _export_dims(profile, spec)
-    sample = {t.name: _sample(t, profile, device) for t in spec.inputs}
+    sample = {name: tensor.to(device) for name, tensor in spec.sample_inputs(_sample_dims(profile, spec)).items()}
     dynamic = {t.name: {axis: dims[name] for axis, name in enumerate(t.shape) if name in dims} or None for t in spec.inputs}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".aoti.", dir=folder))
@@ -206,26 +197,32 @@ def compile_package(spec: ExportSpec, profile: Profile, checkpoint: Path, precis
 
 
 def _export_dims(profile: Profile, spec: ExportSpec) -> dict[str, object]:
-    """torch.export Dims for the profile's dynamic named dims (the batch stays static: see the module docstring)."""
-    ranges: dict[str, tuple[int, int]] = {}
+    """torch.export dims for the profile's dynamic named dims: Dim.AUTO (the exporter derives the range the graph
+    supports, >= 2; a bounded Dim trips over guards it cannot prove), with the profile's range checked at run time
+    by `AotiPackage.check`. The batch stays static (see the module docstring)."""
+    dynamic = set()
     for tensor in spec.inputs:
         low, _, high = profile[tensor.name]
         for axis, name in enumerate(tensor.shape):
             if name in _DYNAMIC_DIMS and low[axis] != high[axis]:
-                ranges[name] = (low[axis], high[axis])
-    for name, (low, _high) in ranges.items():
-        if low < 2:
-            raise ValueError(f"{name}: AOTInductor packages need at least 2 (got a profile from {low}); widen --frames/--resolution.")
-    return {name: torch.export.Dim(name, min=low, max=high) for name, (low, high) in ranges.items()}
+                if low[axis] < 2:
+                    raise ValueError(f"{name}: AOTInductor packages need at least 2 (the profile starts at {low[axis]}).")
+                dynamic.add(name)
+    return {name: torch.export.Dim.AUTO for name in dynamic}
 
 
-def _sample(tensor: TensorSpec, profile: Profile, device: torch.device) -> Tensor:
-    """An input at the profile's opt shape, with the batch at its largest (the package's static batch)."""
-    low, opt, high = profile[tensor.name]
-    shape = list(opt)
-    if tensor.shape and tensor.shape[0] == "batch":
-        shape[0] = high[0]
-    return torch.randn(shape, dtype=TORCH_DTYPES[tensor.dtype]).to(device)
+def _sample_dims(profile: Profile, spec: ExportSpec) -> dict[str, int]:
+    """Trace sizes: the profile's opt dims, the batch at its largest (the package's static batch), and the dynamic
+    dims made distinct from each other and from 1 (so the exporter ties or specializes none of them)."""
+    dims: dict[str, int] = {}
+    for tensor in spec.inputs:
+        _, opt, high = profile[tensor.name]
+        for axis, name in enumerate(tensor.shape):
+            if isinstance(name, str):
+                dims[name] = high[axis] if name == "batch" else opt[axis]
+                if name in _DYNAMIC_DIMS and dims[name] in [v for k, v in dims.items() if k != name] and opt[axis] < high[axis]:
+                    dims[name] = opt[axis] + 1
+    return dims
 
 
 def _check_package(folder: Path, record: cache.EngineRecord) -> None:

@@ -27,7 +27,7 @@ from . import cache
 from .attention import attention_patterns, describe
 from .builder import BuilderOptions, build_plan
 from .profiles import graph_profile, graph_specs, profile_to_json
-from .settings import BuildSettings
+from .settings import QUANTIZED, BuildSettings
 from .trt_api import require_tensorrt
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ class BuildResult:
 def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool = False) -> BuildResult:
     """Build (or find) every engine `settings` asks for; see the module docstring."""
     settings.validate()
+    if settings.engine == "aoti":  # AOTInductor packages of the transformer blocks (engine/aoti.py)
+        from .aoti import aoti_root, build_aoti_engines
+
+        result = BuildResult(aoti_root(settings.out))
+        build_aoti_engines(settings, result, progress)
+        return result
     trt = require_tensorrt("ruyi-trt build")  # fail before the export when TensorRT is missing
     import torch
 
@@ -62,11 +68,19 @@ def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool 
     options = BuilderOptions(settings.weight_streaming, settings.refit, settings.workspace_gb, settings.timing_cache, verbose)
     root = cache.engines_root(settings.out)
     result = BuildResult(onnx_dir)
-    specs = graph_specs(checkpoint, settings.precision)
+    specs = graph_specs(checkpoint, settings.export_settings().dtype)
+    sources = {}  # graph -> (ONNX file, identity) replacing the exported one: the Q/DQ transformer of fp8/int8
+    if settings.precision in QUANTIZED:
+        from .quantized import quantized_transformer
+
+        quantized = quantized_transformer(settings, checkpoint, onnx_dir, progress)
+        if quantized.problems:
+            raise ValueError(f"{quantized.path} is not TensorRT-ready:\n  " + "\n  ".join(map(str, quantized.problems)))
+        sources["transformer"] = (quantized.path, quantized.onnx_id)
     for component, entry in data["components"].items():
         for graph in graphs_of(component, entry, settings.per_block):
             folder, built = build_graph(specs[graph], component, entry, onnx_dir, checkpoint, settings, options,
-                                        platform, root, progress)  # fmt: skip
+                                        platform, root, progress, sources.get(graph))  # fmt: skip
             result.engines[graph] = folder
             (result.built if built else result.reused).append(graph)
     return result
@@ -82,11 +96,13 @@ def graphs_of(component: str, entry: dict, per_block: bool) -> list[str]:
 
 
 def build_graph(spec: ExportSpec, component: str, entry: dict, onnx_dir: Path, checkpoint: Checkpoint, settings: BuildSettings,
-                options: BuilderOptions, platform: cache.Platform, root: Path, progress: bool) -> tuple[Path, bool]:  # fmt: skip
-    """Build one engine into its cache folder unless an intact one is there; (folder, whether it was built now)."""
+                options: BuilderOptions, platform: cache.Platform, root: Path, progress: bool,
+                source: tuple[Path, str] | None = None) -> tuple[Path, bool]:  # fmt: skip
+    """Build one engine into its cache folder unless an intact one is there; (folder, whether it was built now).
+    `source` (ONNX file, identity) replaces the exported graph (the Q/DQ transformer of an fp8/int8 build)."""
     graph = spec.name
     profile = graph_profile(spec, component, settings.resolutions, settings.frames, settings.batch)
-    onnx_id = cache.onnx_hash(entry, graph)
+    onnx_id = source[1] if source else cache.onnx_hash(entry, graph)
     key = cache.engine_key(graph, onnx_id, settings.precision, profile, options.flags(), platform)
     folder = root / key
     existing = cache.read_record(folder)
@@ -97,7 +113,7 @@ def build_graph(spec: ExportSpec, component: str, entry: dict, onnx_dir: Path, c
             return folder, False
         except cache.EngineFileError as exc:
             log.warning("%s: rebuilding (%s)", graph, exc)
-    onnx_path = onnx_dir / entry["graphs"][graph]["file"]
+    onnx_path = source[0] if source else onnx_dir / entry["graphs"][graph]["file"]
     attention = attention_patterns(onnx_path)
     started = time.perf_counter()
     result = build_plan(onnx_path, profile, options, progress)

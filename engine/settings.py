@@ -56,6 +56,8 @@ class BuildSettings:
         if self.engine == "aoti" and (self.weight_streaming or self.refit or self.per_block):
             raise ValueError("--engine aoti: --weight-streaming, --refit and --per-block are TensorRT options (AOTInductor "
                              "packages are always per block and load their weights at run time).")
+        if self.precision in QUANTIZED and self.refit:
+            raise ValueError(f"--precision {self.precision}: --refit cannot refit quantized weights; rebuild instead.")
         if self.precision in QUANTIZED and self.per_block:
             raise ValueError(f"--precision {self.precision}: the Q/DQ transformer is one whole graph (its weights are "
                              "quantized initializers); drop --per-block.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from ..calib.quantize import calibrate_module
 from ..calib.scales import PRECISIONS
 from ..calib.store import CalibrationSettings, cache_dir, read_record, versions, write_calibration
-from ..export.manifest import component_hash
-from .loading import QUANTIZED_ORT, RuntimeOptions, default_dtype, load_pipeline
+from ..models.checkpoint import Checkpoint
+from .loading import RuntimeOptions, default_dtype
+from .pipeline import load_pipeline
 from .request import VideoRequest
 
 log = logging.getLogger(__name__)
@@ -85,22 +86,22 @@ def calibration_requests(settings: CalibrationSettings, image: Image.Image | Non
     return requests
 
 
-def calibrate_checkpoint(folder: str | Path, precision: str, out: str | Path, settings: CalibrationSettings | None = None,
-                         model_name: str = "", device: str | None = None, dtype: str | None = None,
+def calibrate_checkpoint(model: str | Path | Checkpoint, precision: str, out: str | Path, settings: CalibrationSettings | None = None,
+                         device: str | None = None, dtype: str | None = None,
                          image: Image.Image | None = None, progress: bool = True) -> CalibrationResult:  # fmt: skip
-    """Calibrate the transformer of the checkpoint in `folder` for `precision`; writes `out/scales.safetensors` and
+    """Calibrate the transformer of the checkpoint `model` for `precision`; writes `out/scales.safetensors` and
     `out/calibration.json` (calib/store.py)."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision: {precision!r} is not supported; use one of {PRECISIONS}.")
     settings = settings or CalibrationSettings()
     settings.validate()
-    folder = Path(folder)
-    checkpoint_hash = component_hash(folder, "transformer")
+    checkpoint = Checkpoint.resolve(model, download=False)
+    checkpoint_hash = checkpoint.weights_hash("transformer")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device, "torch")
     requests = calibration_requests(settings, image)
     started = time.perf_counter()
-    pipeline = load_pipeline(folder, RuntimeOptions(device=device, dtype=dtype))
+    pipeline = load_pipeline(checkpoint, RuntimeOptions(device=device, dtype=dtype))
     components = pipeline.components
     components.vae_encoder, components.vae_decoder = _EncodeOnce(components.vae_encoder), _NoDecode()
     try:
@@ -108,14 +109,14 @@ def calibrate_checkpoint(folder: str | Path, precision: str, out: str | Path, se
 
         def forward_loop(_model) -> None:
             for request in tqdm(requests, desc=f"calibrate {precision}", unit="request", disable=not progress):
-                pipeline(request, progress=False)
+                pipeline.run(request, progress=False)
 
         scales = calibrate_module(transformer, forward_loop, precision, checkpoint_hash, settings.alpha)
     finally:
         pipeline.components.close()
     seconds = round(time.perf_counter() - started, 2)
     record = {
-        "model": model_name or str(folder), "settings": settings.to_json(), "device": device, "dtype": dtype,
+        "model": checkpoint.name, "settings": settings.to_json(), "device": device, "dtype": dtype,
         "seconds": seconds, "versions": versions(),
         "requests": [{"resolution": r.resolution, "size": r.size, "frames": r.frames, "camera": r.camera, "motion": r.motion,
                       "steps": r.steps, "scheduler": r.scheduler, "guidance_scale": r.guidance_scale, "seed": r.seed}
@@ -126,25 +127,15 @@ def calibrate_checkpoint(folder: str | Path, precision: str, out: str | Path, se
     return CalibrationResult(Path(out), len(scales.layers), seconds)
 
 
-def ensure_calibrated(folder: str | Path, precision: str, settings: CalibrationSettings | None = None,
-                      model_name: str = "", progress: bool = True) -> Path:  # fmt: skip
+def ensure_calibrated(model: str | Path | Checkpoint, precision: str, settings: CalibrationSettings | None = None,
+                      progress: bool = True) -> Path:  # fmt: skip
     """The cached calibration folder of this checkpoint and precision (calib.store.cache_dir), calibrating first
     when there is none."""
     settings = settings or CalibrationSettings()
-    target = cache_dir(component_hash(folder, "transformer"), precision, settings)
+    checkpoint = Checkpoint.resolve(model, download=False)
+    target = cache_dir(checkpoint.weights_hash("transformer"), precision, settings)
     if read_record(target) is None:
-        log.info("no %s calibration of %s cached: calibrating", precision, folder)
-        calibrate_checkpoint(folder, precision, target, settings, model_name, progress=progress)
+        log.info("no %s calibration of %s cached: calibrating", precision, checkpoint.name)
+        calibrate_checkpoint(checkpoint, precision, target, settings, progress=progress)
     return target
 
-
-def with_calibration(model: str | Path | None, options: RuntimeOptions, progress: bool = True) -> RuntimeOptions:
-    """`options` with a calibration folder when its backend needs one (ort-int8 / ort-fp8) and none is given:
-    the cached calibration of the model, made now when missing (like `--backend ort` exports on first use)."""
-    from .model_source import resolve_model
-
-    if options.backend not in QUANTIZED_ORT or options.calibration is not None:
-        return options
-    folder = resolve_model(model)
-    calibration = ensure_calibrated(folder, QUANTIZED_ORT[options.backend], model_name=str(model or folder), progress=progress)
-    return replace(options, calibration=str(calibration))

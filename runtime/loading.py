@@ -9,7 +9,7 @@ so it also works without the weights (`ruyi-trt run --plan-only`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -134,6 +134,14 @@ class RuntimeOptions:
             used = [name for name, on in torch_only.items() if on]
             if used:
                 raise ValueError(f"backend {self.backend}: {used} only apply to the torch backend; drop them or use --backend torch.")
+        if self.backend == "aoti":
+            torch_only = {"fp8": self.fp8 != "none", "offload_steps": bool(self.offload_steps),
+                          "teacache": self.teacache_threshold is not None, "enhance_a_video": self.enhance_a_video is not None,
+                          "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # fmt: skip
+            used = [name for name, on in torch_only.items() if on]
+            if used:
+                raise ValueError(f"backend aoti: {used} only apply to the torch backend (the AOTInductor blocks hold "
+                                 "the whole model on the device); drop them or use --backend torch.")
         if self.calibration is not None and self.backend not in QUANTIZED_ORT:
             raise ValueError(f"backend {self.backend}: calibration applies to ort-int8 / ort-fp8 only.")
         device = torch.device(self.device)
@@ -168,7 +176,7 @@ def plan_depends_on_video(options: RuntimeOptions) -> bool:
     """Whether the memory plan (and so what is loaded) depends on the video size: memory_mode auto on the torch or
     TensorRT backend with a CUDA device or a --vram-budget to plan for."""
     planned = options.vram_budget_gb is not None or torch.device(options.device).type == "cuda"
-    return options.memory_mode == "auto" and options.backend not in ORT_BACKENDS and planned
+    return options.memory_mode == "auto" and options.backend not in (*ORT_BACKENDS, "aoti") and planned
 
 
 def memory_plan(
@@ -232,7 +240,8 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
         lora = (options.lora, options.lora_strength) if options.lora else None
         return trt_components(checkpoint, options.dtype, budget, False, lora)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
-    settings = run_settings(options, checkpoint.transformer.num_layers, plan)
+    memory = replace(options, memory_mode="full_gpu") if options.backend == "aoti" else options  # see validate
+    settings = run_settings(memory, checkpoint.transformer.num_layers, plan)
     # Models are loaded to the host first whenever something stays there between uses.
     all_resident = not settings.offload_models and settings.resident_blocks == checkpoint.transformer.num_layers
     load_device = device if (device.type == "cuda" and all_resident) else torch.device("cpu")
@@ -260,6 +269,14 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
             EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
         ),
     )
+    if options.backend == "torch-compile":
+        from .backends.compiled import CompiledBlocks
+
+        denoiser = CompiledBlocks(denoiser)
+    elif options.backend == "aoti":
+        from .backends.aoti_backend import AotiDenoiser
+
+        denoiser = AotiDenoiser(transformer, checkpoint, device, dtype)
     return torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
     )

@@ -109,8 +109,8 @@ class Session:
 class CheckpointModel:
     """A checkpoint folder (or the tiny preset), loaded through the public pipeline once per backend."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: str):
-        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: str, shapes: tuple[Shape, ...] = ()):
+        self.checkpoint, self.device, self.dtype, self.shapes = checkpoint, device, dtype, shapes
         self.transformer_config, self.vae_config = checkpoint.transformer, checkpoint.vae
         self.name = str(checkpoint.folder)
 
@@ -123,7 +123,7 @@ class CheckpointModel:
         path = FAST_PATHS.get(status.name)
         pipeline = RuyiPipeline.from_pretrained(
             self.checkpoint, backend="torch" if path else status.name, device=str(self.device), dtype=self.dtype,
-            memory_mode=path.memory_mode if path else "full_gpu",
+            memory_mode=path.memory_mode if path else "full_gpu", **self.prepare(status.name),
         )  # fmt: skip
         comps = pipeline.components
         if path:
@@ -136,6 +136,38 @@ class CheckpointModel:
             close=comps.close,
             pipeline=pipeline,
         )  # fmt: skip
+
+
+    def prepare(self, backend: str) -> dict:
+        """Make what a backend needs before it loads, like `ruyi-trt run` does: a calibration for ort-int8 / ort-fp8
+        (the cached one, calibrated on first use), AOTInductor packages covering the bench shapes for aoti."""
+        if backend in ("ort-int8", "ort-fp8"):
+            from ..runtime.calibration import ensure_calibrated
+
+            return {"calibration": str(ensure_calibrated(self.checkpoint, backend.removeprefix("ort-"), progress=False))}
+        if backend == "aoti" and self.shapes:
+            from ..engine.build import build_engines
+            from ..engine.profiles import FrameRange
+            from ..engine.settings import BuildSettings
+
+            frames = sorted({s.frames for s in self.shapes})
+            sizes = tuple(dict.fromkeys(f"{s.height}x{s.width}" for s in self.shapes))
+            build_engines(BuildSettings(model=self.checkpoint.name, precision=self.dtype, resolutions=sizes,
+                                        frames=FrameRange(frames[0], frames[0], frames[-1]), engine="aoti"),
+                          progress=False)  # fmt: skip
+        return {}
+
+    def reference_run(self, request, dtype: str):
+        """tools.quality's reference: the torch backend in `dtype` on this device."""
+        from ..runtime.pipeline import RuyiPipeline
+        from .quality import quality_run
+
+        pipeline = RuyiPipeline.from_pretrained(self.checkpoint, backend="torch", device=str(self.device), dtype=dtype,
+                                                memory_mode="full_gpu")  # fmt: skip
+        try:
+            return quality_run(pipeline, request)
+        finally:
+            pipeline.unload()
 
 
 class ModuleDenoiser:
@@ -221,13 +253,13 @@ class FullRandomModel:
         )
 
 
-def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, ...]):
+def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, ...], shapes: tuple[Shape, ...] = ()):
     """`tiny`, `full-random` or a checkpoint folder -> a model that opens one Session per backend."""
     if spec == FULL_RANDOM:
         return FullRandomModel(device, dtype, stages)
     from ..models.checkpoint import Checkpoint
 
-    return CheckpointModel(Checkpoint.resolve(spec, download=False), device, dtype)
+    return CheckpointModel(Checkpoint.resolve(spec, download=False), device, dtype, shapes)
 
 
 def denoiser_inputs(

@@ -17,6 +17,7 @@ import torch
 
 from ...engine import cache
 from ...engine.aoti import AOTI_GRAPHS, ENGINE, AotiPackage, aoti_platform, aoti_root, config_hash
+from ...models.checkpoint import Checkpoint
 from ...models.transformer import RuyiTransformer3D
 from .protocol import move_inputs
 
@@ -28,15 +29,15 @@ PRECISION_OF = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 class AotiDenoiser:
     """A denoiser `Backend` over a RuyiTransformer3D whose blocks run as AOTInductor packages."""
 
-    def __init__(self, model: RuyiTransformer3D, checkpoint_dir: Path, model_name: str, device: torch.device,
-                 dtype: torch.dtype, video_scale: tuple[int, int], root: Path | None = None):  # fmt: skip
-        """`video_scale`: (pixels per latent cell, video frames per latent frame), for the refusals' build command."""
+    def __init__(self, model: RuyiTransformer3D, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 root: Path | None = None):  # fmt: skip
         self.model, self.device, self.dtype = model, torch.device(device), dtype
-        self.video_scale = video_scale
-        self.model_name = model_name
+        vae = checkpoint.vae  # pixels per latent cell and video frames per latent frame, for the refusals' command
+        self.video_scale = (vae.spatial_factor, vae.mini_batch_encoder // vae.mini_batch_decoder)
+        self.model_name = model_name = checkpoint.name
         self.precision = PRECISION_OF[dtype]
         self.platform = aoti_platform(self.device)
-        self.architecture = config_hash(checkpoint_dir)
+        self.architecture = config_hash(checkpoint)
         self.records = cache.read_records(aoti_root(root))
         self.loaded: dict[Path, AotiPackage] = {}
         self.constants = [{f"block.{k}": v for k, v in block.state_dict().items()} for block in model.blocks]

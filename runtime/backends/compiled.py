@@ -24,7 +24,7 @@ def _inner_model(denoiser: Denoiser) -> RuyiTransformer3D:
     return model
 
 
-def _with_dynamic_tokens(compiled):
+def with_dynamic_tokens(compiled):
     """Calls `compiled(x, temb, text, clip, cos, sin, frames, skip, ...)` with the token dims marked dynamic."""
 
     def forward(x, temb, text_states, clip_states, rope_cos, rope_sin, num_frames, skip=None, *rest):
@@ -44,7 +44,7 @@ class CompiledBlocks:
         self.model = getattr(base, "model", None)
         self.blocks = list(_inner_model(base).blocks)
         for block in self.blocks:
-            block.forward = _with_dynamic_tokens(torch.compile(block.forward, mode=mode))
+            block.forward = with_dynamic_tokens(torch.compile(block.forward, mode=mode))
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.base(**inputs)
