@@ -167,6 +167,24 @@ def build_aoti_engines(settings: BuildSettings, result, progress: bool = True) -
         result.built.append(graph)
 
 
+def packages_cover(settings: BuildSettings, root: Path | None = None) -> bool:
+    """Whether cached packages (this platform, architecture, precision) already cover every request size of
+    `settings` (its profile's min and max shapes), so nothing needs building."""
+    checkpoint = Checkpoint.resolve(settings.model, download=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    records = cache.read_records(aoti_root(root if root is not None else settings.out))
+    specs = aoti_specs(checkpoint, settings.precision)
+    for graph in AOTI_GRAPHS:
+        profile = graph_profile(specs[graph], "transformer", settings.resolutions, settings.frames, settings.batch)
+        for end in (0, 2):
+            need = cache.Requirement(graph, settings.precision, config_hash(checkpoint), aoti_platform(device),
+                                     settings.model, (0, 0, 0, 0), {k: v[end] for k, v in profile.items()}, engine=ENGINE)  # fmt: skip
+            if not any(r.graph == graph and r.precision == settings.precision and not cache.mismatches(r, need)
+                       for _, r in records):  # fmt: skip
+                return False
+    return True
+
+
 def compile_package(spec: ExportSpec, profile: Profile, config: TransformerConfig, device: torch.device,
                     folder: Path) -> Path:  # fmt: skip
     """torch.export the block graph of `config` for `profile`, AOT-compile it into `folder/engine.pt2` (atomically)."""

@@ -54,7 +54,7 @@ def quantized_transformer(settings: BuildSettings, checkpoint: Checkpoint, onnx_
         raise ValueError(f"--precision {settings.precision} is not an 8-bit precision ({QUANTIZED}).")
     calibration = calibration_folder(settings, checkpoint)
     scales, record = load_calibration(calibration, settings.precision, checkpoint.weights_hash("transformer"))
-    onnx_dir = onnx_dir or ensure_exported(checkpoint, settings.export_settings(), progress=progress)
+    onnx_dir = onnx_dir or ensure_exported(checkpoint, settings.export_settings(), ("transformer",), progress=progress)
     entry = export_manifest.read_manifest(onnx_dir)["components"]["transformer"]
     path = ensure_qdq_graph(onnx_dir / entry["graphs"]["transformer"]["file"], scales.layers, record["scales_sha256"],
                             settings.precision)  # fmt: skip

@@ -5,7 +5,8 @@
 
 Modules: specs (ExportSpec per graph), wrappers (modules traced per graph), graph_passes (fold, fp32
 upcast, dim names), manifest (manifest.json, checkpoint hashing), onnx_export (the export driver),
-readiness (the TensorRT check against trt_supported_ops.json).
+readiness (the TensorRT check against trt_supported_ops.json), qdq (QuantizeLinear/DequantizeLinear from calibrated
+scales: the fp8/int8 graphs).
 """
 
 from .onnx_export import (

@@ -207,7 +207,7 @@ def quantize_graph_file(source: Path, target: Path, layers: Mapping[str, LinearS
 
 
 def _files_digest(path: Path) -> str:
-    from .manifest import _file_digest
+    from ..models.checkpoint import _file_digest
 
     digest = hashlib.sha256()
     for item in (path, path.with_name(f"{path.name}.data")):

@@ -78,7 +78,7 @@ def backend_statuses(names: list[str], full_random: bool, device: torch.device) 
             )
         elif name in BACKENDS:
             usable, why = doctor.get(name, (True, ""))
-            if full_random and name != "torch":
+            if full_random and name not in ("torch", "torch-compile"):
                 usable, why = (
                     False,
                     f"{FULL_RANDOM} has no checkpoint folder to build {name} components from; use --model PATH",
@@ -146,15 +146,17 @@ class CheckpointModel:
 
             return {"calibration": str(ensure_calibrated(self.checkpoint, backend.removeprefix("ort-"), progress=False))}
         if backend == "aoti" and self.shapes:
+            from ..engine.aoti import packages_cover
             from ..engine.build import build_engines
             from ..engine.profiles import FrameRange
             from ..engine.settings import BuildSettings
 
             frames = sorted({s.frames for s in self.shapes})
             sizes = tuple(dict.fromkeys(f"{s.height}x{s.width}" for s in self.shapes))
-            build_engines(BuildSettings(model=self.checkpoint.name, precision=self.dtype, resolutions=sizes,
-                                        frames=FrameRange(frames[0], frames[0], frames[-1]), engine="aoti"),
-                          progress=False)  # fmt: skip
+            settings = BuildSettings(model=self.checkpoint.name, precision=self.dtype, resolutions=sizes,
+                                     frames=FrameRange(frames[0], frames[0], frames[-1]), engine="aoti")  # fmt: skip
+            if not packages_cover(settings):
+                build_engines(settings, progress=False)
         return {}
 
     def reference_run(self, request, dtype: str):
@@ -232,11 +234,15 @@ class FullRandomModel:
                 denoiser = ModuleDenoiser(transformer)
             if path:
                 denoiser = wrap_denoiser(path, denoiser, self.device, dtype)
+            elif status.name == "torch-compile":
+                from ..runtime.backends.compiled import CompiledBlocks
+
+                denoiser = CompiledBlocks(denoiser)
         vae = self._module("vae") if {"vae_encode", "vae_decode"} & set(self.stages) else None
         clip = self._module("image_encoder") if "image_encoder" in self.stages else None
 
         def close_session() -> None:
-            if denoiser is not None and path:
+            if denoiser is not None and (path or status.name == "torch-compile"):
                 denoiser.close()  # undoes the fast path's changes; the shared modules stay
             if close is not None:
                 close()
