@@ -64,10 +64,11 @@ class _NoDecode:
 
 @dataclass(frozen=True)
 class CalibrationResult:
+    """Where a calibration was written, how many layers it covers and how long it took."""
+
     folder: Path
     layers: int
     seconds: float
-    reused: bool = False
 
 
 def calibration_requests(settings: CalibrationSettings, image: Image.Image | None = None) -> list[VideoRequest]:

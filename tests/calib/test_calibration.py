@@ -138,7 +138,33 @@ def test_quantized_build_inputs_without_tensorrt(tiny_calibrations: dict[str, Pa
         assert settings.export_settings().dtype == "fp16"
         graph = quantized_transformer(settings, Checkpoint.resolve("tiny"), progress=False)
         assert graph.problems == [] and graph.calibration == tiny_calibrations[precision]
-        low, opt, high = graph.profile["hidden_states"]
+        low, _, high = graph.profile["hidden_states"]
         assert low[0] == 1 and high[0] == 2 and high[2] == 4  # batch 1..2, 16 frames = 4 latent frames
         model = onnx.load(str(graph.path), load_external_data=False)
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)  # fp16 elsewhere
+
+
+# The Q/DQ graph computes what ModelOpt's fake-quantized torch model computes (float32, CPU): fp8 to 1e-5 of max
+# |out|; int8 to 1e-2 (ModelOpt clamps to [-127, 127] and rounds in torch, ONNX saturates to [-128, 127]).
+@pytest.mark.parametrize("precision, max_rel", [("fp8", 1e-5), ("int8", 1e-2)])
+def test_qdq_graph_equals_modelopt_fake_quantization(exported_dir: Path, precision: str, max_rel: float, tmp_path: Path):
+    from ruyi_trt.calib.quantize import calibrate_module
+    from ruyi_trt.export.manifest import graph_path, read_manifest
+    from ruyi_trt.export.qdq import ORT_FP8_SESSION_CONFIG, insert_qdq
+    from ruyi_trt.runtime.backends.ort_backend import OrtGraph
+    from ruyi_trt.tools.bench_models import Shape, denoiser_inputs
+
+    checkpoint = Checkpoint.resolve("tiny")
+    model = checkpoint.load_transformer(torch.float32)
+    inputs = denoiser_inputs(checkpoint.transformer, checkpoint.vae, Shape(64, 64, 8), checkpoint.clip_geometry[1:],
+                             torch.device("cpu"), torch.float32)  # fmt: skip
+    scales = calibrate_module(model, lambda m: m(**inputs), precision, "sha256:test")
+    with torch.no_grad():
+        fake = model(**inputs)[0]
+    graph = onnx.load(str(graph_path(exported_dir, read_manifest(exported_dir), "transformer")))
+    insert_qdq(graph, scales.layers, precision)
+    onnx.save_model(graph, str(tmp_path / "q.onnx"))
+    cos, sin = inputs.pop("image_rotary_emb")
+    config = ORT_FP8_SESSION_CONFIG if precision == "fp8" else None
+    out = OrtGraph(tmp_path / "q.onnx", torch.device("cpu"), config=config).run(**inputs, rope_cos=cos, rope_sin=sin)[0]
+    assert (out - fake).abs().max() <= max_rel * fake.abs().max()
