@@ -3,11 +3,11 @@
 Format `ruyi-trt-scales/1`. Per quantized module `M` (its path in `RuyiTransformer3D`, e.g.
 `blocks.3.attn1.to_q`, the checkpoint key without `.weight`), float32 tensors:
     M.input_scale   []                     activation dequant scale, per tensor: amax(x * s) / QMAX
-    M.weight_scale  [] (fp8) | [out] (int8) weight dequant scale: amax(W / s) / QMAX, per tensor or per row
+    M.weight_scale  [out] (or [])          weight dequant scale: amax(W / s) / QMAX per output row (or per tensor)
     M.smooth        [in] (int8 only)        SmoothQuant factor s: x_s = x * s, W_s = W / s
 and string metadata (format, precision, qmax, weight_axis, algorithm, smoothquant_alpha, checkpoint_hash).
 Exactly the modules present are quantized. A quantized linear is, symmetric with zero point 0:
-    xq = saturate(round(x * s / input_scale)); wq = saturate(round(W_s / weight_scale)) (per row for int8)
+    xq = saturate(round(x * s / input_scale)); wq = saturate(round(W_s / weight_scale)) (per row when [out])
     y = (xq @ wq.T) * input_scale * weight_scale + bias      (int8 in [-128, 127]; fp8 = e4m3fn, |v| <= 448)
 Readers refuse another format or another checkpoint. A consumer that changes the weights (a merged LoRA)
 may recompute weight_scale with the same rule; input_scale and smooth come only from calibration data.
