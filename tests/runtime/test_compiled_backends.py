@@ -131,7 +131,8 @@ def test_aoti_backend_without_packages_names_the_build_command(tiny_dir: Path, m
 
 def test_bench_quality_rows_for_every_fast_path(aoti_packages: dict[str, Path], tiny_calibrations: dict, exported_dir: Path,
                                                 tmp_path: Path):  # fmt: skip
-    backends = "torch,ort,ort-int8,ort-fp8,torch-compile,aoti"
+    # torch-compile's parity is checked above (to 1e-4 of the output scale); compiling it again here costs a minute
+    backends = "torch,ort,ort-int8,ort-fp8,aoti"
     result = CliRunner().invoke(main, ["bench", "--model", "tiny", "--backends", backends, "--quality", "--size", "64x64",
                                        "--frames", "8", "--stages", "denoise", "--warmup", "1", "--repeat", "1",
                                        "--out", str(tmp_path)])  # fmt: skip
@@ -141,7 +142,7 @@ def test_bench_quality_rows_for_every_fast_path(aoti_packages: dict[str, Path], 
     quality = data["quality"]
     assert set(quality) == set(backends.split(",")) and data["config"]["quality_reference"] == "torch fp32"
     assert quality["torch"]["latent_cosine"] == pytest.approx(1.0, abs=1e-12)
-    for backend, floor in (("ort-int8", 0.99), ("ort-fp8", 0.99), ("torch-compile", 0.9999), ("aoti", 0.9999), ("ort", 0.9999)):
+    for backend, floor in (("ort-int8", 0.99), ("ort-fp8", 0.99), ("aoti", 0.9999), ("ort", 0.9999)):
         assert quality[backend]["latent_cosine"] >= floor, (backend, quality[backend])
         assert quality[backend]["psnr_db"] > 20
     assert "## Quality" in (tmp_path / "bench.md").read_text()
