@@ -10,7 +10,6 @@ first use and kept.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint_io import CheckpointError, read_config, weight_files
+from ..files import atomic_write, file_digest
+from .checkpoint_io import CHECKPOINT_REPO, CheckpointError, read_config, weight_files
 from .control_embeddings import ControlEmbeddings, load_control_embeddings
 from .image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
 from .transformer import RuyiTransformer3D, TransformerConfig
@@ -28,10 +28,12 @@ from .vae_config import VAEConfig
 
 log = logging.getLogger(__name__)
 
-REPO_ID = "IamCreateAI/Ruyi-Mini-7B"
+REPO_ID = CHECKPOINT_REPO
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = PACKAGE_ROOT / "models" / "Ruyi-Mini-7B"
 REQUIRED = ("transformer", "vae", "image_encoder", "scheduler", "embeddings.safetensors")
+HF_CACHE_DIR = ".cache/huggingface"  # huggingface_hub's bookkeeping (and partial files) in a local_dir download
+DOWNLOAD_DONE = ".cache/ruyi-trt-download-complete"  # written when a download into the folder has finished
 EMBEDDINGS_NAME = "embeddings.safetensors"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 TINY = "tiny"
@@ -42,35 +44,37 @@ HASHED_CONFIGS = {"transformer": ("config.json",), "vae": ("config.json",),
 
 
 def missing_parts(folder: Path) -> list[str]:
-    """The parts of the checkpoint layout that `folder` lacks."""
-    return [name for name in REQUIRED if not (folder / name).exists()]
+    """The parts of the checkpoint layout that `folder` lacks; a download into it that never finished (Ctrl-C,
+    a lost connection) counts as missing too, so the next run resumes it."""
+    missing = [name for name in REQUIRED if not (folder / name).exists()]
+    if (folder / HF_CACHE_DIR).is_dir() and not (folder / DOWNLOAD_DONE).is_file():
+        missing.append("the rest of an interrupted download")
+    return missing
 
 
 def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
-    """Download (or resume) the released checkpoint into `folder`, with huggingface_hub's progress bars."""
+    """Download (or resume) the released checkpoint into `folder`, with huggingface_hub's progress bars.
+
+    Files appear under their names only when complete; Ctrl-C keeps the partial ones in `folder/.cache` and the
+    next call resumes them."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     log.info("downloading %s (about 17 GB) into %s", repo_id, folder)
     try:
         snapshot_download(repo_id=repo_id, local_dir=str(folder))
+    except KeyboardInterrupt:
+        log.warning("download of %s interrupted; the next run resumes it (partial files in %s)", repo_id,
+                    folder / HF_CACHE_DIR)  # fmt: skip
+        raise
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise CheckpointError(
             f"could not download {repo_id} into {folder} ({exc}). If this machine is offline, download it "
             f"elsewhere with `huggingface-cli download {repo_id} --local-dir Ruyi-Mini-7B`, copy the folder here "
             "and pass --model PATH (or use --model tiny to try the pipeline with a small random model)."
         ) from exc
+    atomic_write(folder / DOWNLOAD_DONE, lambda tmp: tmp.write_text(f"{repo_id}\n"))
     return folder
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; cached per (path, size, mtime) for the process, since weights can be many GB."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,7 @@ class Checkpoint:
                 files.append(path)
             digest = hashlib.sha256()
             for path in files + weight_files(folder):
-                stat = path.stat()
-                digest.update(f"{path.name}:{_file_digest(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+                digest.update(f"{path.name}:{file_digest(path)}\n".encode())
             self._hashes[part] = "sha256:" + digest.hexdigest()
         return self._hashes[part]
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from ...models.transformer import RuyiTransformer3D
 from .protocol import Denoiser
 
 
-def _inner_model(denoiser: Denoiser) -> RuyiTransformer3D:
+def blocks_model(denoiser: Denoiser) -> torch.nn.Module:
+    """The torch model a denoiser runs: a RuyiTransformer3D, or anything else with `.blocks` (the bench's block)."""
     model = getattr(denoiser, "model", None)
-    if not isinstance(model, RuyiTransformer3D):
-        raise TypeError(f"{type(denoiser).__name__} holds no torch transformer to compile")
+    if not isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
+        raise TypeError(f"{type(denoiser).__name__} holds no torch transformer blocks to change")
     return model
 
 
@@ -42,7 +42,7 @@ class CompiledBlocks:
     def __init__(self, base: Denoiser, mode: str | None = None):
         self.base = base
         self.model = getattr(base, "model", None)
-        self.blocks = list(_inner_model(base).blocks)
+        self.blocks = list(blocks_model(base).blocks)
         for block in self.blocks:
             block.forward = with_dynamic_tokens(torch.compile(block.forward, mode=mode))
 
