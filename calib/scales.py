@@ -56,6 +56,7 @@ class Scales:
     checkpoint_hash: str
     smoothquant_alpha: float | None = None
     extra: dict[str, str] = field(default_factory=dict)  # more metadata, kept as strings
+    path: Path | None = None  # the file it was read from (read_scales), for messages
 
     @property
     def qmax(self) -> float:
@@ -96,11 +97,19 @@ def write_scales(path: str | Path, scales: Scales) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def scales_file(path: str | Path) -> Path:
+    """The scales file a `--scales` argument names: the file itself, or DIR/scales.safetensors."""
+    path = Path(path)
+    return path / SCALES_NAME if path.is_dir() else path
+
+
 def read_scales(path: str | Path, checkpoint_hash: str | None = None) -> Scales:
-    """The scales in `path`; ScalesError when the format differs or (given `checkpoint_hash`) the checkpoint does."""
+    """The scales in `path` (a scales file or the folder holding one); ScalesError when the format differs or
+    (given `checkpoint_hash`) the checkpoint does. The one reader of the format: calib/, export/qdq.py's callers
+    and the torch backend's `--compute fp8|int8 --scales` (weights/compute8.py) all read through it."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = scales_file(path)
     if not path.is_file():
         raise ScalesError(f"{path} does not exist; calibrate first (ruyi-trt calibrate --model ... --out {path.parent}).")
     try:
@@ -126,10 +135,12 @@ def read_scales(path: str | Path, checkpoint_hash: str | None = None) -> Scales:
             if f"{name}.weight_scale" not in tensors:
                 raise ScalesError(f"{path}: {name} has an input_scale but no weight_scale.")
             layers[name] = LayerScales(value, tensors[f"{name}.weight_scale"], tensors.get(f"{name}.smooth"))
+    if not layers:
+        raise ScalesError(f"{path} holds no layer scales; re-run ruyi-trt calibrate.")
     alpha = metadata.get("smoothquant_alpha")
     known = {"format", "precision", "qmax", "weight_axis", "algorithm", "smoothquant_alpha", "checkpoint_hash"}
     return Scales(precision, layers, metadata.get("checkpoint_hash", ""), float(alpha) if alpha else None,
-                  {k: v for k, v in metadata.items() if k not in known})  # fmt: skip
+                  {k: v for k, v in metadata.items() if k not in known}, path)  # fmt: skip
 
 
 def scales_digest(path: str | Path) -> str:

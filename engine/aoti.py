@@ -23,8 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..export.specs import TORCH_DTYPES, ExportSpec
-from ..files import atomic_write
+from ..files import atomic_folder, file_digest, file_lock
 from ..models.checkpoint import Checkpoint
 from ..models.transformer import TransformerConfig
 from . import cache
@@ -137,34 +135,47 @@ def build_aoti_engines(settings: BuildSettings, result, progress: bool = True) -
         source = source_hash(graph, spec, checkpoint, settings.precision)
         key = cache.engine_key(graph, source, settings.precision, profile, flags, platform)
         folder = root / key
-        existing = cache.read_record(folder)
-        if existing is not None and (folder / PACKAGE_NAME).is_file():
-            try:
-                _check_package(folder, existing)
-                result.engines[graph] = folder
-                result.reused.append(graph)
-                continue
-            except cache.EngineFileError as exc:
-                log.warning("%s: rebuilding (%s)", graph, exc)
-        started = time.perf_counter()
-        package = compile_package(spec, profile, checkpoint.transformer, device, folder)
-        seconds = round(time.perf_counter() - started, 2)
-        data = package.read_bytes()
-        record = cache.EngineRecord(
-            key=key, graph=graph, component="transformer", precision=settings.precision, platform=platform,
-            checkpoint_hash=config_hash(checkpoint), onnx_hash=source, onnx_file="", profile=profile, flags=flags,
-            settings=settings, engine_bytes=len(data), engine_sha256=hashlib.sha256(data).hexdigest(),
-            build_seconds=seconds,
-        )  # fmt: skip
-        lines = [f"ruyi-trt build log: {graph} (AOTInductor)", f"command: {settings.command()}",
-                 f"source: {source}", f"platform: {platform}", f"profile: {json.dumps(profile_to_json(profile))}",
-                 f"built in {seconds} s, {len(data)} bytes (weights not included: loaded at run time)"]  # fmt: skip
-        text = "\n".join(lines) + "\n"
-        atomic_write(folder / cache.LOG_NAME, lambda tmp, text=text: tmp.write_text(text))
-        cache.write_record(folder, record)
+        with file_lock(folder):
+            existing = cache.read_record(folder)
+            if existing is not None:
+                try:
+                    _check_package(folder, existing)
+                    result.engines[graph] = folder
+                    result.reused.append(graph)
+                    continue
+                except cache.EngineFileError as exc:
+                    log.warning("%s: rebuilding (%s)", graph, exc)
+            seconds = _build_package(folder, graph, spec, profile, source, checkpoint, settings, platform, device)
         log.info("%s: built %s in %.1f s", graph, folder, seconds)
         result.engines[graph] = folder
         result.built.append(graph)
+
+
+def _build_package(folder: Path, graph: str, spec: ExportSpec, profile: Profile, source: str, checkpoint: Checkpoint,
+                   settings: BuildSettings, platform: cache.Platform, device: torch.device) -> float:  # fmt: skip
+    """Compile one package and write it, its build.log and last its sidecar as the whole folder `folder`
+    (files.atomic_folder: a failed or interrupted build leaves nothing); returns the build seconds."""
+
+    def write(tmp: Path) -> None:
+        nonlocal seconds
+        started = time.perf_counter()
+        package = compile_package(spec, profile, checkpoint.transformer, device, tmp)
+        seconds = round(time.perf_counter() - started, 2)
+        size, digest = package.stat().st_size, file_digest(package)
+        record = cache.EngineRecord(
+            key=folder.name, graph=graph, component="transformer", precision=settings.precision, platform=platform,
+            checkpoint_hash=config_hash(checkpoint), onnx_hash=source, onnx_file="", profile=profile,
+            flags={"engine": ENGINE}, settings=settings, engine_bytes=size, engine_sha256=digest, build_seconds=seconds,
+        )  # fmt: skip
+        lines = [f"ruyi-trt build log: {graph} (AOTInductor)", f"command: {settings.command()}",
+                 f"source: {source}", f"platform: {platform}", f"profile: {json.dumps(profile_to_json(profile))}",
+                 f"built in {seconds} s, {size} bytes (weights not included: loaded at run time)"]  # fmt: skip
+        (tmp / cache.LOG_NAME).write_text("\n".join(lines) + "\n")
+        cache.write_record(tmp, record)
+
+    seconds = 0.0
+    atomic_folder(folder, write, replace=True)
+    return seconds
 
 
 def packages_cover(settings: BuildSettings, root: Path | None = None) -> bool:
@@ -187,7 +198,8 @@ def packages_cover(settings: BuildSettings, root: Path | None = None) -> bool:
 
 def compile_package(spec: ExportSpec, profile: Profile, config: TransformerConfig, device: torch.device,
                     folder: Path) -> Path:  # fmt: skip
-    """torch.export the block graph of `config` for `profile`, AOT-compile it into `folder/engine.pt2` (atomically)."""
+    """torch.export the block graph of `config` for `profile` and AOT-compile it into `folder/engine.pt2` (a folder
+    being written: the caller makes it appear whole)."""
     dtype = TORCH_DTYPES[spec.inputs[0].dtype]
     block = _block_of(config, spec.name).to_empty(device=device).to(dtype)
     with torch.no_grad():  # any values do: the weights are not compiled in
@@ -197,21 +209,14 @@ def compile_package(spec: ExportSpec, profile: Profile, config: TransformerConfi
     dims = _export_dims(profile, spec)
     sample = {name: tensor.to(device) for name, tensor in spec.sample_inputs(_sample_dims(profile, spec)).items()}
     dynamic = {t.name: {axis: dims[name] for axis, name in enumerate(t.shape) if name in dims} or None for t in spec.inputs}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".aoti.", dir=folder))
-    try:
-        with torch.no_grad():
-            program = torch.export.export(module, (), sample, dynamic_shapes=dynamic)
-            configs = {"aot_inductor.package_constants_in_so": False}
-            if dtype != torch.float32:  # derived constants (weight.float() in the fp32 norms) follow load_constants
-                configs["aot_inductor.use_runtime_constant_folding"] = True
-            built = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE_NAME),
-                                                             inductor_configs=configs)  # fmt: skip
-        target = folder / PACKAGE_NAME
-        Path(built).replace(target)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    target = folder / PACKAGE_NAME
+    with torch.no_grad():
+        program = torch.export.export(module, (), sample, dynamic_shapes=dynamic)
+        configs = {"aot_inductor.package_constants_in_so": False}
+        if dtype != torch.float32:  # derived constants (weight.float() in the fp32 norms) follow load_constants
+            configs["aot_inductor.use_runtime_constant_folding"] = True
+        torch._inductor.aoti_compile_and_package(program, package_path=str(target), inductor_configs=configs)
+    return target
 
 
 def _export_dims(profile: Profile, spec: ExportSpec) -> dict[str, object]:
@@ -249,7 +254,7 @@ def _check_package(folder: Path, record: cache.EngineRecord) -> None:
     rebuild = f"delete {folder} and rebuild: {record.settings.command()}"
     if not path.is_file():
         raise cache.EngineFileError(f"{path} is missing; {rebuild}")
-    if path.stat().st_size != record.engine_bytes or cache.file_digest(path) != record.engine_sha256:
+    if path.stat().st_size != record.engine_bytes or file_digest(path) != record.engine_sha256:
         raise cache.EngineFileError(f"{path} does not match its sidecar (truncated or corrupt); {rebuild}")
 
 

@@ -11,16 +11,16 @@ with standard ONNX operators only (opset >= 19, no custom domains; an opset-18 g
 it uses changed meaning between 18 and 19 for existing attributes, 19 only added types and new options): int8 with int8 zero points 0 (TensorRT's
 only INT8 form), FP8 E4M3 with float8e4m3fn zero points 0 (opset 19). Scales and the smoothing vector are in
 the graph's float type (float32 or float16), so a strongly typed TensorRT network runs the GEMM in 8 bits and
-everything else in the graph's dtype. INT8 weights are per output channel (axis of the output dim), FP8
-weights per tensor; activations are per tensor. The quantized weights replace the float ones (the graph
+everything else in the graph's dtype. Weights are per output channel (axis of the output dim) when the scales
+are (what `ruyi-trt calibrate` writes for both precisions), else per tensor; activations are per tensor. The quantized weights replace the float ones (the graph
 shrinks ~4x from fp32).
 
 ONNX Runtime's CPU provider fuses DQ -> MatMul into MatMulIntegerToFloat, which has no float8 kernel: FP8
 graphs must run with its QDQ fusion off (`ORT_FP8_SESSION_CONFIG`); they then compute the exact Q/DQ
 arithmetic in float (a numerical check, not a speed-up). INT8 graphs run fused.
 
-`ensure_qdq_graph` caches the rewritten graph in `cache_root()/qdq/<key>/`, keyed by the source graph's
-bytes, the scales' identity and the precision.
+`ensure_qdq_graph` caches the rewritten graph in `cache_root()/qdq/<key>/` (written whole, files.atomic_folder,
+one process at a time), keyed by the source graph's bytes, the scales' identity and the precision.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +37,7 @@ import numpy as np
 import torch
 
 from ..deps import require
+from ..files import atomic_folder, file_digest, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +205,10 @@ def quantize_graph_file(source: Path, target: Path, layers: Mapping[str, LinearS
 
 
 def _files_digest(path: Path) -> str:
-    from ..models.checkpoint import _file_digest
-
     digest = hashlib.sha256()
     for item in (path, path.with_name(f"{path.name}.data")):
         if item.is_file():
-            stat = item.stat()
-            digest.update(f"{item.name}:{_file_digest(str(item), stat.st_size, stat.st_mtime_ns)}\n".encode())
+            digest.update(f"{item.name}:{file_digest(item)}\n".encode())
     return digest.hexdigest()
 
 
@@ -227,21 +222,18 @@ def ensure_qdq_graph(source: str | Path, layers: Mapping[str, LinearScales], sca
                                      "scope": scope, "opset": QDQ_OPSET}, sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
     folder = cache_root() / "qdq" / key
     target = folder / source.name
-    if (folder / RECORD_NAME).is_file() and target.is_file():
-        return target
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-    try:
-        report = quantize_graph_file(source, tmp / source.name, layers, precision, scope)
-        record = {"source": str(source), "scales": scales_id, "precision": precision, **asdict(report),
-                  "quantized": len(report.quantized)}  # fmt: skip
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process made it first
-            if not (folder / RECORD_NAME).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with file_lock(folder):
+        if (folder / RECORD_NAME).is_file() and target.is_file():
+            return target
+        report = None
+
+        def write(tmp: Path) -> None:
+            nonlocal report
+            report = quantize_graph_file(source, tmp / source.name, layers, precision, scope)
+            record = {"source": str(source), "scales": scales_id, "precision": precision, **asdict(report),
+                      "quantized": len(report.quantized)}  # fmt: skip
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+        atomic_folder(folder, write, replace=True)
     log.info("%s: %s Q/DQ graph with %d quantized layers -> %s", source.name, precision, len(report.quantized), target)
     return target
