@@ -8,7 +8,8 @@ trt) is listed as unavailable with the reason, until runtime.loading wires it.
 The `block` stage (not in the default stages) times one transformer block at the real width (2816 = 16 x 176
 heads, Ruyi-Mini-7B's sizes, random weights) on a one-frame grid of `block_tokens` tokens, whatever the model:
 a comparable row for every backend even on CPU, where the full model is out of reach. Torch paths run it through
-the same fast-path wrapping as the whole transformer (`BlockHost` has `.blocks`).
+the same wrapping as the whole transformer (`BlockHost` has `.blocks`: fast paths, torch-compile's regional
+compilation); ort, ort-int8, ort-fp8 and aoti run it as their own block graph (tools/block_backends.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..models.transformer import TransformerConfig, rotary_embedding
 from ..models.transformer_blocks import TransformerBlock
 from ..models.vae_config import VAEConfig
 from ..runtime.backends.protocol import Backend, Denoiser
+from ..runtime.backends.compiled import CompiledBlocks
 from .fast_paths import FAST_PATHS, wrap_denoiser
 from .flops import FlopCount, transformer_flops
 
@@ -184,11 +186,24 @@ class SharedBlock:
         self.device, self.dtype = device, dtype
         self._host: BlockHost | None = None
 
-    def denoiser(self, path) -> Denoiser:
+    def denoiser(self, backend: str) -> Denoiser | None:
+        """The block through `backend`'s path: a torch fast path's wrapping, torch-compile's regional compilation,
+        or the block graph of ort / ort-int8 / ort-fp8 / aoti (tools/block_backends.py); None for trt."""
+        from .block_backends import MAKERS, block_runner
+
+        if backend not in ("torch", "torch-compile", *FAST_PATHS, *MAKERS):
+            return None
         if self._host is None:
             log.info("building the full-width block (hidden 2816, 16 x 176 heads) on %s", self.device)
             self._host = full_width_block(self.device, DTYPES[self.dtype])
+        if backend in MAKERS:
+            from ..models.presets import cache_root
+
+            return block_runner(backend, self._host, cache_root() / "bench-block", self.device)
         base = BlockDenoiser(self._host)
+        if backend == "torch-compile":
+            return CompiledBlocks(base)
+        path = FAST_PATHS.get(backend)
         return wrap_denoiser(path, base, self.device, DTYPES[self.dtype]) if path else base
 
 
@@ -219,7 +234,7 @@ class CheckpointModel:
         if path:
             comps.denoiser = wrap_denoiser(path, comps.denoiser, self.device, DTYPES[self.dtype])
         image_size, tokens, hidden = self.checkpoint.clip_geometry
-        block = self.shared_block.denoiser(path) if BLOCK_STAGE in self.stages else None
+        block = self.shared_block.denoiser(status.name) if BLOCK_STAGE in self.stages else None
 
         def close() -> None:
             comps.close()
@@ -336,12 +351,10 @@ class FullRandomModel:
             if path:
                 denoiser = wrap_denoiser(path, denoiser, self.device, dtype)
             elif status.name == "torch-compile":
-                from ..runtime.backends.compiled import CompiledBlocks
-
                 denoiser = CompiledBlocks(denoiser)
         vae = self._module("vae") if {"vae_encode", "vae_decode"} & set(self.stages) else None
         clip = self._module("image_encoder") if "image_encoder" in self.stages else None
-        block = self.shared_block.denoiser(path) if BLOCK_STAGE in self.stages else None
+        block = self.shared_block.denoiser(status.name) if BLOCK_STAGE in self.stages else None
 
         def close_session() -> None:
             if denoiser is not None and (path or status.name == "torch-compile"):
