@@ -24,8 +24,8 @@ import torch
 from ..models.transformer import TransformerConfig, rotary_embedding
 from ..models.transformer_blocks import TransformerBlock
 from ..models.vae_config import VAEConfig
-from ..runtime.backends.protocol import Backend, Denoiser
 from ..runtime.backends.compiled import CompiledBlocks
+from ..runtime.backends.protocol import Backend, Denoiser
 from .fast_paths import FAST_PATHS, wrap_denoiser
 from .flops import FlopCount, transformer_flops
 
