@@ -199,8 +199,7 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         if backend in ("ort-int8", "ort-fp8") and calibration is None:  # calibrated on first use, then cached
             from .runtime.calibration import ensure_calibrated
 
-            run_options["calibration"] = str(ensure_calibrated(Checkpoint.resolve(model), backend.removeprefix("ort-"),
-                                                               progress=not no_progress))  # fmt: skip
+            run_options["calibration"] = str(ensure_calibrated(model, backend.removeprefix("ort-"), progress=not no_progress))
         pipe = RuyiPipeline.from_pretrained(model, **run_options)
         plan = pipe.plan(request)
         if plan is not None:
@@ -351,11 +350,10 @@ def build(model, precision, engine_kind, calibration, resolution, frames, batch,
         )  # fmt: skip
         if settings.engine == "tensorrt" and settings.precision in ("fp8", "int8") and settings.calibration is None:
             from .engine.trt_api import require_tensorrt
-            from .models.checkpoint import Checkpoint
             from .runtime.calibration import ensure_calibrated
 
             require_tensorrt("ruyi-trt build")  # before calibrating for engines that cannot be built here
-            ensure_calibrated(Checkpoint.resolve(model), precision, progress=not no_progress)
+            ensure_calibrated(model, precision, progress=not no_progress)
         result = build_engines(settings, progress=not no_progress)
     except (ValueError, ImportError, RuntimeError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..calib.quantize import calibrate_module
 from ..calib.scales import PRECISIONS
 from ..calib.store import CalibrationSettings, cache_dir, read_record, versions, write_calibration
+from ..files import file_lock
 from ..models.checkpoint import Checkpoint
 from .loading import RuntimeOptions, default_dtype
 from .pipeline import load_pipeline
@@ -131,12 +132,14 @@ def calibrate_checkpoint(model: str | Path | Checkpoint, precision: str, out: st
 def ensure_calibrated(model: str | Path | Checkpoint, precision: str, settings: CalibrationSettings | None = None,
                       progress: bool = True) -> Path:  # fmt: skip
     """The cached calibration folder of this checkpoint and precision (calib.store.cache_dir), calibrating first
-    when there is none."""
+    when there is none (one process at a time: a second one waits, then finds it). `model` as
+    `RuyiPipeline.from_pretrained` takes it (None: the default checkpoint, downloaded when missing)."""
     settings = settings or CalibrationSettings()
-    checkpoint = Checkpoint.resolve(model, download=False)
+    checkpoint = Checkpoint.resolve(model)
     target = cache_dir(checkpoint.weights_hash("transformer"), precision, settings)
-    if read_record(target) is None:
-        log.info("no %s calibration of %s cached: calibrating", precision, checkpoint.name)
-        calibrate_checkpoint(checkpoint, precision, target, settings, progress=progress)
+    with file_lock(target):
+        if read_record(target) is None:
+            log.info("no %s calibration of %s cached: calibrating", precision, checkpoint.name)
+            calibrate_checkpoint(checkpoint, precision, target, settings, progress=progress)
     return target
 

@@ -185,8 +185,16 @@ class RuntimeOptions:
             if used:
                 raise ValueError(f"backend aoti: {used} only apply to the torch backend (the AOTInductor blocks hold "
                                  "the whole model on the device); drop them or use --backend torch.")
-        if self.calibration is not None and self.backend not in QUANTIZED_ORT:
-            raise ValueError(f"backend {self.backend}: calibration applies to ort-int8 / ort-fp8 only.")
+        if self.calibration is not None:
+            if self.backend not in QUANTIZED_ORT:
+                raise ValueError(f"calibration: applies to backend ort-int8 / ort-fp8 only (not {self.backend}); drop it "
+                                 "or use one of those.")
+            from ..calib.store import RECORD_NAME
+
+            if not (Path(self.calibration) / RECORD_NAME).is_file():
+                raise ValueError(f"calibration: {self.calibration} holds no {RECORD_NAME}; make one with ruyi-trt "
+                                 f"calibrate --precision {QUANTIZED_ORT[self.backend]} --out DIR, or drop it to use "
+                                 "the cached calibration.")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device: {self.device!r} is not a device; use cpu, cuda or cuda:N (N = 0..GPUs - 1).")
         device = torch.device(self.device)

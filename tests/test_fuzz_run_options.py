@@ -25,7 +25,7 @@ from ruyi_trt.testing import gradient_image
 CHOICES = {
     "--resolution": ["512", "768"], "--camera": ["static", "left", "right", "up", "down", "auto"],
     "--motion": ["1", "2", "3", "4", "auto"], "--scheduler": ["DDIM", "Euler", "Euler A", "DPM++", "PNDM"],
-    "--backend": ["torch", "ort", "trt"], "--dtype": ["fp32", "bf16", "fp16"],
+    "--backend": ["torch", "ort", "trt", "ort-int8", "ort-fp8", "torch-compile", "aoti"], "--dtype": ["fp32", "bf16", "fp16"],
     "--memory-mode": ["auto", "full_gpu", "normal", "low_gpu"], "--fp8": ["none", "lite", "strong", "extreme"],
     "--fp8-storage": ["fp8_e4m3fn", "fp8_e5m2"], "--compute": ["none", "fp8", "int8"],
     "--attention": ["sdpa", "fp8", "fp8-full"],
@@ -49,10 +49,11 @@ class Validated(Exception):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
     """A folder with a good image, a text file, a good LoRA and a folder; the CLI runs in it with model loading
-    replaced by `Validated`."""
+    (and the first-use calibration of ort-int8 / ort-fp8) replaced by `Validated`."""
     import torch
     from safetensors.torch import save_file
 
+    from ruyi_trt.runtime import calibration
     from ruyi_trt.runtime.pipeline import RuyiPipeline
 
     folder = tmp_path_factory.mktemp("fuzz")
@@ -64,6 +65,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
     os.chdir(folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RuyiPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(Validated())))
+        patch.setattr(calibration, "ensure_calibrated", lambda *a, **k: (_ for _ in ()).throw(Validated()))
         yield folder
     os.chdir(previous)
 
@@ -88,7 +90,7 @@ def _valid() -> dict[str, st.SearchStrategy]:
     for flag in FLAGS:
         values[flag] = st.booleans()
     values["--fused-kernels"] = st.just(False)  # needs CUDA
-    return values  # --parallel and --scales have no value that is valid alone here: only among "anything"
+    return values  # --parallel, --scales and --calibration have no value valid alone here: only among "anything"
 
 
 def _anything() -> dict[str, st.SearchStrategy]:
@@ -101,7 +103,7 @@ def _anything() -> dict[str, st.SearchStrategy]:
         "--frames-dir": st.sampled_from(["sub", "notes.txt", "good.png"]) | text,
         "--size": st.builds(lambda h, w: f"{h}x{w}", st.integers(-16, 2100), st.integers(-16, 2100)) | text,
         "--device": st.sampled_from(["cuda", "cuda:0", "cuda:x", "mps", "cpu:1"]) | text, "--lora": paths,
-        "--scales": paths,
+        "--scales": paths, "--calibration": paths,
         "--parallel": st.sampled_from(["ulysses=2", "cfg=2", "ring=0", "x", "ulysses=2,ulysses=2", "cfg=3"]) | text,
     }  # fmt: skip
     for option, choices in CHOICES.items():

@@ -117,11 +117,13 @@ class Session:
 
 
 class BlockHost(torch.nn.Module):
-    """One transformer block held as `.blocks`, so fast paths apply to it exactly as to the whole transformer."""
+    """One transformer block held as `.blocks`, so fast paths apply to it exactly as to the whole transformer;
+    `config`: the transformer configuration the block was made from (its graph backends rebuild it)."""
 
-    def __init__(self, block: TransformerBlock):
+    def __init__(self, block: TransformerBlock, config: TransformerConfig):
         super().__init__()
         self.blocks = torch.nn.ModuleList([block])
+        self.config = config
 
 
 class BlockDenoiser:
@@ -140,23 +142,26 @@ class BlockDenoiser:
         """The block is shared by every backend."""
 
 
-def full_width_block(device: torch.device, dtype: torch.dtype, seed: int = 0) -> BlockHost:
-    """A plain (no long skip) block at Ruyi-Mini-7B's width with random weights, on `device` in `dtype`."""
+def full_width_block(device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     config: TransformerConfig | None = None) -> BlockHost:  # fmt: skip
+    """A plain (no long skip) block at Ruyi-Mini-7B's width (or `config`'s) with random weights, on `device` in
+    `dtype`."""
     from ..models.presets import randomize_
 
-    config = TransformerConfig.full()
+    config = config or TransformerConfig.full()
     with torch.device(device):
         block = TransformerBlock(
             config.inner_dim, config.num_attention_heads, config.cross_attention_dim, config.ff_inner_dim,
             "tanh", has_skip=False, time_position_encoding=True,  # activation_fn "gelu-approximate"
         )  # fmt: skip
     randomize_(block, seed, keep={"t_embed.pe"})
-    return BlockHost(block).to(dtype).eval().requires_grad_(False)
+    return BlockHost(block, config).to(dtype).eval().requires_grad_(False)
 
 
-def block_inputs(tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random inputs of the full-width block for one sample of `tokens` tokens (one frame, BLOCK_GRID_WIDTH wide)."""
-    config = TransformerConfig.full()
+def block_inputs(tokens: int, device: torch.device, dtype: torch.dtype, config: TransformerConfig | None = None) -> dict:
+    """Random inputs of the full-width block (or `config`'s) for one sample of `tokens` tokens (one frame,
+    BLOCK_GRID_WIDTH wide)."""
+    config = config or TransformerConfig.full()
     gen = torch.Generator().manual_seed(0)
     rows, p = tokens // BLOCK_GRID_WIDTH, config.patch_size
     cos, sin = rotary_embedding(rows * p, BLOCK_GRID_WIDTH * p, p, config.attention_head_dim)

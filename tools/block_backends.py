@@ -7,6 +7,7 @@
     aoti           the block's AOTInductor package (engine/aoti.py: weights outside the package, loaded with
                    load_constants), exported static at the stage's shapes
 
+`host` is a bench_models.BlockHost (the block at `.blocks[0]`, its TransformerConfig at `.config`).
 The torch paths (torch, torch-compile, the torch-* fast paths) wrap the shared block module instead
 (bench_models.SharedBlock). Each runner makes its graph on the first call, from that call's inputs (the bench's
 warm-up, timed apart as warmup_s), in a scratch folder beside the bench output that is removed on close.
@@ -107,10 +108,9 @@ def aoti_block(host: nn.Module, work: Path, device: torch.device, inputs: dict[s
     """The block as an AOTInductor package compiled static at the first call's shapes, the host's weights loaded in."""
     from ..engine.aoti import aoti_spec, compile_package
     from ..export.specs import transformer_stage_specs
-    from ..models.transformer import TransformerConfig
     from ..models.vae_config import VAEConfig
 
-    config = TransformerConfig.full()
+    config = host.config
     precision = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[inputs["x"].dtype]
     specs = transformer_stage_specs(config, VAEConfig.full(), precision, config.n_query)
     spec = aoti_spec(next(s for s in specs if s.name == "transformer_block_plain"), config)
