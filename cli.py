@@ -122,7 +122,7 @@ def doctor() -> None:
 @click.option("--seed", default=42, show_default=True, type=SEED, help="Random seed, 0..2^64-1: the same seed gives the same video file.")
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt", "ort-int8", "ort-fp8", "torch-compile", "aoti"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`; ort-int8/ort-fp8: ort with the calibrated Q/DQ transformer; torch-compile: torch.compile'd blocks; aoti: AOTInductor packages made by `ruyi-trt build --engine aoti`.")
-@click.option("--calibration", default=None, type=click.Path(file_okay=False), help="ort-int8/ort-fp8: calibration folder from `ruyi-trt calibrate` (default: the cached one, calibrated on first use).")
+@click.option("--calibration", default=None, type=click.Path(), help="ort-int8/ort-fp8: calibration folder from `ruyi-trt calibrate` (default: the cached one, calibrated on first use).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda (fp16 with --backend ort) and with --plan-only, fp32 on cpu.")
 @click.option("--memory-mode", default="auto", show_default=True, type=click.Choice(["auto", "full_gpu", "normal", "low_gpu"]), help="auto: plan streaming/offload for the GPU's free memory (or --vram-budget).")
