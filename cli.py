@@ -125,7 +125,8 @@ def doctor() -> None:
 @click.option("--seed", default=42, show_default=True, type=SEED, help="Random seed, 0..2^64-1: the same seed gives the same video file.")
 @click.option("--noise-device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where the seeded noise is drawn: cpu gives the same video on every machine; cuda draws as the original (torch.Generator('cuda')), so a seed gives its video on the same GPU.")
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt", "ort-int8", "ort-fp8", "torch-compile", "aoti"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`; ort-int8/ort-fp8: ort with the calibrated Q/DQ transformer; torch-compile: torch.compile'd blocks; aoti: AOTInductor packages made by `ruyi-trt build --engine aoti`.")
+@click.option("--calibration", default=None, type=click.Path(), help="ort-int8/ort-fp8: calibration folder from `ruyi-trt calibrate` (default: the cached one, calibrated on first use).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda (fp16 with --backend ort) and with --plan-only, fp32 on cpu.")
 @click.option("--memory-mode", default="auto", show_default=True, type=click.Choice(["auto", "full_gpu", "normal", "low_gpu"]), help="auto: plan streaming/offload for the GPU's free memory (or --vram-budget).")
@@ -151,10 +152,10 @@ def doctor() -> None:
 @click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Spread the video over the processes of `torchrun --nproc-per-node K $(which ruyi-trt) run ...` (K = ulysses x ring x cfg): tokens split over ulysses x ring ranks, the CFG halves over cfg=2 rank groups.")
 @click.option("--parallel-timeout", default=600.0, show_default=True, type=TIMEOUT, help="Seconds a rank waits for the others before the whole job stops with an error.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, aspect_ratio, steps,
-        guidance_scale, seed, noise_device, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb,
-        plan_only, fp8, fp8_storage, teacache_threshold, teacache_skip_start, teacache_skip_end, teacache_offload_cpu,
-        enhance_a_video, enhance_a_video_skip_start, enhance_a_video_skip_end, loras, lora_strength, compute, scales,
-        attention, fused_kernels, no_progress, parallel, parallel_timeout) -> None:  # fmt: skip
+        guidance_scale, seed, noise_device, scheduler, backend, calibration, device, dtype, memory_mode, offload_steps,
+        vram_budget_gb, plan_only, fp8, fp8_storage, teacache_threshold, teacache_skip_start, teacache_skip_end,
+        teacache_offload_cpu, enhance_a_video, enhance_a_video_skip_start, enhance_a_video_skip_end, loras, lora_strength,
+        compute, scales, attention, fused_kernels, no_progress, parallel, parallel_timeout) -> None:  # fmt: skip
     """Generate a video from a start image (and optionally an end image).
 
     Exit codes: 0 success, 2 bad usage or input, 1 a failure while running, 130 Ctrl-C (see the README)."""
@@ -201,6 +202,10 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
         RuntimeOptions.make(**run_options)
         if parallel is not None:
             parallel.check_guidance(request.guidance_scale > 1.0)  # before any process group forms
+        if backend in ("ort-int8", "ort-fp8") and calibration is None:  # calibrated on first use, then cached
+            from .runtime.calibration import ensure_calibrated
+
+            run_options["calibration"] = str(ensure_calibrated(model, backend.removeprefix("ort-"), progress=not no_progress))
         pipe = RuyiPipeline.from_pretrained(model, **run_options)
         note = request.frames_note(pipe.vae_config.mini_batch_encoder)
         if note:
@@ -240,7 +245,7 @@ def _plan_request(images, video_options: dict):
 
 @main.command()
 @click.option("--model", default="tiny", show_default=True, help="'tiny', 'full-random' (full-size random weights built on the device, no checkpoint) or a checkpoint folder.")
-@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu, torch-int8, torch-fp8, torch-fp8-attn, torch-fp8-all, torch-fused.")
+@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt, ort-int8, ort-fp8, torch-compile, aoti and the torch fast paths torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu, torch-int8, torch-fp8, torch-fp8-attn, torch-fp8-all, torch-fused.")
 @click.option("--resolution", default="512", show_default=True, help="Comma list of square sizes, e.g. 512,768.")
 @click.option("--size", default=None, help="Comma list of HEIGHTxWIDTH (multiples of 16) instead of --resolution, e.g. 64x64 for the tiny model.")
 @click.option("--frames", default="24", show_default=True, help="Comma list of video lengths (1 or multiples of 8), e.g. 24,120.")
@@ -253,11 +258,12 @@ def _plan_request(images, video_options: dict):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--time-budget", "time_budget_s", default=None, type=float, help="Skip measurements that would start after this many seconds.")
 @click.option("--max-stage-seconds", default=None, type=float, help="Stop timing a stage once its timed calls add up to this (at least one call).")
+@click.option("--quality", is_flag=True, help="Also run each backend and the reference (torch bf16 on a GPU, fp32 on the CPU) from the same seed: latent cosine and video PSNR in bench.json's quality object.")
 @click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
 @click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Time the parallel mode under `torchrun --nproc-per-node K $(which ruyi-trt) bench ...` (torch backend); rows carry the communication per step.")
 @click.option("--parallel-timeout", default=600.0, show_default=True, type=TIMEOUT, help="Seconds a rank waits for the others.")
 def bench(model, backends, resolution, size, frames, stages, block_tokens, steps, warmup, repeat, dtype, device,
-          time_budget_s, max_stage_seconds, out, parallel, parallel_timeout) -> None:
+          time_budget_s, max_stage_seconds, quality, out, parallel, parallel_timeout) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
     from .runtime.parallel import ParallelConfig, is_main_process, leave
     from .tools.bench import BenchConfig, parse_shapes, run_bench
@@ -267,7 +273,7 @@ def bench(model, backends, resolution, size, frames, stages, block_tokens, steps
             model=model, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
             shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
             steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
-            max_stage_seconds=max_stage_seconds, block_tokens=block_tokens,
+            max_stage_seconds=max_stage_seconds, block_tokens=block_tokens, quality=quality,
             parallel=ParallelConfig.parse(parallel, parallel_timeout) if parallel else None,
         )
         results = run_bench(config, out)
@@ -327,7 +333,9 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, attenti
 
 @main.command()
 @click.option("--model", default="tiny", show_default=True, help="Checkpoint folder, 'tiny' or 'full-random' (the real architecture, random weights).")
-@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp8"]), help="Taken from the exported graph's dtypes (strongly typed networks); fp8 needs calibrated Q/DQ graphs.")
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp8", "int8", "fp32"]), help="Taken from the exported graph's dtypes (strongly typed networks); fp8/int8: the transformer's Q/DQ graph from a calibration (fp16 elsewhere); fp32 with --engine aoti only.")
+@click.option("--engine", "engine_kind", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "aoti"]), help="aoti: AOTInductor packages of the transformer blocks (runs wherever torch runs; --backend aoti).")
+@click.option("--calibration", default=None, type=click.Path(file_okay=False), help="fp8/int8: calibration folder from `ruyi-trt calibrate` (default: the cached one, calibrated first when missing).")
 @click.option("--resolution", default="512", show_default=True, help="Comma list: 512 / 768 (every aspect bucket of that base) or HEIGHTxWIDTH.")
 @click.option("--frames", default="24:24:24", show_default=True, help="Video frames MIN:OPT:MAX (multiples of 8, up to 120).")
 @click.option("--batch", default=2, show_default=True, type=click.Choice(["1", "2"]), help="Largest transformer batch: 2 for classifier-free guidance.")
@@ -340,9 +348,10 @@ def export(model, out_dir, component, per_block, opset, dtype, exporter, attenti
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Engine folder root (default: the cache, <cache>/engines); build-plan.json goes there.")
 @click.option("--dry-run", is_flag=True, help="Export, plan and check every engine (shape inference at each profile's max) and write build-plan.json, without TensorRT or a GPU.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-def build(model, precision, resolution, frames, batch, per_block, attention, weight_streaming, refit, timing_cache,
-          workspace_gb, out, dry_run, no_progress) -> None:
-    """Export (or reuse) the ONNX graphs, plan the engines and build one cached TensorRT engine per graph and size group."""
+def build(model, precision, engine_kind, calibration, resolution, frames, batch, per_block, attention, weight_streaming,
+          refit, timing_cache, workspace_gb, out, dry_run, no_progress) -> None:
+    """Export (or reuse) the ONNX graphs, plan the engines and build one cached TensorRT engine per graph and size group
+    (--engine aoti: AOTInductor packages of the transformer blocks)."""
     import time
     from pathlib import Path
 
@@ -356,15 +365,24 @@ def build(model, precision, resolution, frames, batch, per_block, attention, wei
         settings = BuildSettings.from_strings(
             model, precision, resolution, frames, batch=int(batch), per_block=per_block, weight_streaming=weight_streaming,
             refit=refit, timing_cache=Path(timing_cache) if timing_cache else None, workspace_gb=workspace_gb,
-            out=Path(out) if out else None, attention=attention,
+            out=Path(out) if out else None, attention=attention, engine=engine_kind,
+            calibration=Path(calibration) if calibration else None,
         )  # fmt: skip
+        quantized = settings.engine == "tensorrt" and settings.precision in ("fp8", "int8")
+        if quantized and settings.calibration is None and not dry_run:
+            from .engine.trt_api import require_tensorrt
+            from .runtime.calibration import ensure_calibrated
+
+            require_tensorrt("ruyi-trt build")  # before calibrating for engines that cannot be built here
+            ensure_calibrated(model, precision, progress=not no_progress)
         result = build_engines(settings, progress=not no_progress, dry_run=dry_run)
     except (ValueError, ImportError, RuntimeError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from exc
     for graph, folder in result.engines.items():
         click.echo(f"{graph}: {'built' if graph in result.built else 'cached'} {folder}")
     seconds, rss = time.perf_counter() - started, peak_host_rss_bytes() / 2**30
-    click.echo(f"{'planned' if dry_run else 'build plan'}: {result.plan} ({seconds:.1f} s, peak host RSS {rss:.2f} GiB)")
+    done = f"{'planned' if dry_run else 'build plan'}: {result.plan}" if result.plan else f"packages in {result.onnx_dir}"
+    click.echo(f"{done} ({seconds:.1f} s, peak host RSS {rss:.2f} GiB)")
 
 
 def _parse_lora(text: str, default_strength: float) -> tuple[str, float]:
@@ -376,6 +394,42 @@ def _parse_lora(text: str, default_strength: float) -> tuple[str, float]:
         except ValueError:
             pass  # a ':' inside the path (e.g. C:\loras\a.safetensors)
     return text, default_strength
+
+
+@main.command()
+@click.option("--model", default="tiny", show_default=True, help="Checkpoint folder or 'tiny'.")
+@click.option("--precision", required=True, type=click.Choice(["fp8", "int8"]), help="fp8: FP8 E4M3 per-tensor; int8: INT8 SmoothQuant (per-channel weights).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for scales.safetensors and calibration.json.")
+@click.option("--resolution", default="512,768", show_default=True, help="Base resolutions of the calibration requests (aspect bucket of the start image).")
+@click.option("--size", default=None, help="Explicit HEIGHTxWIDTH instead of --resolution (small test models).")
+@click.option("--frames", default=8, show_default=True, help="Video frames per calibration request.")
+@click.option("--steps", default=25, show_default=True, help="Scheduler steps: every timestep of this schedule is calibrated.")
+@click.option("--alpha", default=0.5, show_default=True, help="SmoothQuant migration strength (int8).")
+@click.option("--image", default=None, type=click.Path(dir_okay=False), help="Start image (default: the bundled example).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def calibrate(model, precision, out_dir, resolution, size, frames, steps, alpha, image, device, no_progress) -> None:
+    """Calibrate the transformer's FP8/INT8 scales with ModelOpt over a small set of requests."""
+    from .calib.scales import ScalesError
+    from .calib.store import CalibrationSettings
+    from .models.checkpoint_io import CheckpointError
+    from .runtime.calibration import calibrate_checkpoint
+    from .runtime.request import load_image
+
+    try:
+        resolutions = tuple(int(r) for r in resolution.split(",") if r.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{resolution!r} is not a comma list of 512/768", param_hint="--resolution") from exc
+    try:
+        settings = CalibrationSettings(resolutions=resolutions, frames=frames, steps=steps, alpha=alpha,
+                                       size=_parse_size(size))  # fmt: skip
+        result = calibrate_checkpoint(model, precision, out_dir, settings,
+                                      device=device, image=load_image(image, "--image") if image else None,
+                                      progress=not no_progress)  # fmt: skip
+    except (ValueError, ImportError, CheckpointError, ScalesError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"calibrated {result.layers} layers ({precision}) in {result.seconds:.1f} s: {out_dir}/scales.safetensors, "
+               f"{out_dir}/calibration.json")
 
 
 def _parse_size(size: str | None) -> tuple[int, int] | None:
@@ -390,7 +444,7 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
 
 
 # `ruyi-trt run`'s options that say how to run; `serve` takes the same ones (the same click options)
-SERVE_RUN_OPTIONS = ("backend", "device", "dtype", "memory_mode", "offload_steps", "vram_budget_gb", "fp8",
+SERVE_RUN_OPTIONS = ("backend", "calibration", "device", "dtype", "memory_mode", "offload_steps", "vram_budget_gb", "fp8",
                      "fp8_storage", "teacache_threshold", "teacache_skip_start", "teacache_skip_end",
                      "teacache_offload_cpu", "enhance_a_video", "enhance_a_video_skip_start", "enhance_a_video_skip_end",
                      "loras", "lora_strength", "compute", "scales", "attention", "fused_kernels")  # fmt: skip

@@ -9,7 +9,8 @@ before, engine inspector after), builder (the TensorRT builder calls), build (ex
 orchestration), cache (keys, sidecars, refusals, plan checks), device_memory (budget arithmetic, the shared
 scratch buffer), runtime (TRTEngine: load/activate/infer/unload, CUDA graphs, weight streaming), refit (LoRA refit),
 trt_api (the lazy import and the list of TensorRT members used), trt_api_names (the name lists of
-TensorRT 10/11 in trt_api/*.txt). TensorRT is imported only inside the functions that need it.
+TensorRT 10/11 in trt_api/*.txt), quantized (the Q/DQ transformer graph of fp8/int8 builds), aoti
+(AOTInductor packages of the transformer blocks: `--engine aoti`, same profiles, keys, sidecars, refusals). TensorRT is imported only inside the functions that need it.
 """
 
 from .build import BuildResult, build_engines

@@ -13,7 +13,9 @@ profile, attention, every TensorRT message) and last the `engine.json` sidecar i
 that is fsynced and renamed to `engines/<key>` (files.atomic_folder), so an engine folder is always
 complete and checked and a failed or interrupted build leaves nothing. A lock per key (files.file_lock)
 makes a second process building the same engine wait, then reuse it. With `refit`, `refit_map.json`
-(engine/refit.py) records which checkpoint tensor each ONNX weight is.
+(engine/refit.py) records which checkpoint tensor each ONNX weight is. With --precision fp8/int8 the
+transformer engines are built from its Q/DQ graph (engine/quantized.py); --engine aoti builds AOTInductor
+packages instead of TensorRT engines (engine/aoti.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .attention import attention_patterns, check_fused_attention, describe
 from .builder import BuilderOptions, build_plan
 from .plan import PlannedEngine, planned_engines, write_plan
 from .profiles import graph_specs, profile_to_json
-from .settings import BuildSettings
+from .settings import QUANTIZED, BuildSettings
 from .trt_api import require_tensorrt, version_tuple
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class BuildResult:
     cache, and the plan file."""
 
     onnx_dir: Path
-    plan: Path
+    plan: Path | None  # build-plan.json (None for AOTInductor packages)
     engines: dict[str, Path] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
@@ -58,6 +60,12 @@ class BuildResult:
 def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool = False, dry_run: bool = False) -> BuildResult:
     """Plan, and unless `dry_run` build, every engine `settings` asks for; see the module docstring."""
     settings.validate()
+    if settings.engine == "aoti":  # AOTInductor packages of the transformer blocks (engine/aoti.py)
+        from .aoti import aoti_root, build_aoti_engines
+
+        result = BuildResult(aoti_root(settings.out), None)
+        build_aoti_engines(settings, result, progress)
+        return result
     trt = _installed_tensorrt(required=not dry_run)
     if not dry_run:
         import torch
@@ -67,11 +75,11 @@ def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool 
                                "visible. `ruyi-trt build --dry-run` plans the engines without one.")  # fmt: skip
     source = model_source(Checkpoint.resolve(settings.model))
     target = trt.__version__ if trt is not None else tensorrt_op_table()["tensorrt_version"]
-    weights = source.transformer_weight_bytes(TORCH_DTYPES[EXPORT_DTYPES[settings.precision]])
+    weights = source.transformer_weight_bytes(TORCH_DTYPES[EXPORT_DTYPES[settings.graph_dtype]])
     resolved = settings.resolved(weights, version_tuple(target))
     onnx_dir = ensure_exported(source, resolved.export_settings(), progress=progress)
     data = export_manifest.read_manifest(onnx_dir)
-    specs = graph_specs(source.checkpoint, settings.precision)
+    specs = graph_specs(source.checkpoint, settings.graph_dtype)
     engines = planned_engines(resolved, specs, data, bool(resolved.per_block))
     root = cache.engines_root(settings.out)
     facts = {"dry_run": dry_run, "model": settings.model, "precision": settings.precision,
@@ -80,11 +88,22 @@ def build_engines(settings: BuildSettings, progress: bool = True, verbose: bool 
     result = BuildResult(onnx_dir, write_plan(resolved, engines, onnx_dir, data, facts, root, progress))
     if dry_run:
         return result
+    # graph -> (ONNX file, identity) replacing the exported one: the Q/DQ transformer of fp8/int8 (made after the
+    # plan, so a dry run needs no calibration)
+    sources = {}
+    if settings.precision in QUANTIZED:
+        from .quantized import quantized_transformer
+
+        quantized = quantized_transformer(resolved, source.checkpoint, onnx_dir, progress)
+        if quantized.problems:
+            raise ValueError(f"{quantized.path} is not TensorRT-ready:\n  " + "\n  ".join(map(str, quantized.problems)))
+        sources["transformer"] = (quantized.path, quantized.onnx_id)
     platform = cache.Platform.current(trt.__version__)
     options = BuilderOptions(settings.weight_streaming, settings.refit, settings.workspace_gb, settings.timing_cache, verbose)
     for planned in engines:
         entry = data["components"][planned.component]
-        folder, built = build_graph(planned, entry, onnx_dir, source, resolved, options, platform, root, progress)
+        folder, built = build_graph(planned, entry, onnx_dir, source, resolved, options, platform, root, progress,
+                                    sources.get(planned.graph))  # fmt: skip
         result.engines[planned.name] = folder
         (result.built if built else result.reused).append(planned.name)
     return result
@@ -101,10 +120,12 @@ def _installed_tensorrt(required: bool):
 
 
 def build_graph(planned: PlannedEngine, entry: dict, onnx_dir: Path, source: ModelSource, settings: BuildSettings,
-                options: BuilderOptions, platform: cache.Platform, root: Path, progress: bool) -> tuple[Path, bool]:  # fmt: skip
-    """Build one engine into its cache folder unless an intact one is there; (folder, whether it was built now)."""
+                options: BuilderOptions, platform: cache.Platform, root: Path, progress: bool,
+                replacement: tuple[Path, str] | None = None) -> tuple[Path, bool]:  # fmt: skip
+    """Build one engine into its cache folder unless an intact one is there; (folder, whether it was built now).
+    `replacement` (ONNX file, identity) stands for the exported graph (the Q/DQ transformer of an fp8/int8 build)."""
     graph, profile = planned.graph, planned.profile
-    onnx_id = cache.onnx_hash(entry, graph)
+    onnx_id = replacement[1] if replacement else cache.onnx_hash(entry, graph)
     key = cache.engine_key(graph, onnx_id, settings.precision, profile, options.flags(), platform)
     folder = root / key
     with file_lock(folder):
@@ -116,7 +137,7 @@ def build_graph(planned: PlannedEngine, entry: dict, onnx_dir: Path, source: Mod
                 return folder, False
             except cache.EngineFileError as exc:
                 log.warning("%s: rebuilding (%s)", planned.name, exc)
-        onnx_path = onnx_dir / entry["graphs"][graph]["file"]
+        onnx_path = replacement[0] if replacement else onnx_dir / entry["graphs"][graph]["file"]
         started = time.perf_counter()
         result = build_plan(onnx_path, profile, options, progress)
         seconds = round(time.perf_counter() - started, 2)

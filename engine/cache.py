@@ -35,6 +35,7 @@ from .settings import BuildSettings
 log = logging.getLogger(__name__)
 
 PLAN_NAME, RECORD_NAME, LOG_NAME = "engine.plan", "engine.json", "build.log"
+_KIND = {"tensorrt": "TensorRT engine", "aoti": "AOTInductor package"}
 SCHEMA = 1
 
 
@@ -51,8 +52,12 @@ class Platform:
     """What a plan is tied to: the GPU model, its compute capability and the TensorRT version."""
 
     gpu: str
-    compute_capability: str  # "9.0"
-    tensorrt: str
+    compute_capability: str  # "9.0" (AOTInductor on the CPU: "cpu-avx512", the vector ISA)
+    tensorrt: str  # the TensorRT version (AOTInductor packages: "torch <version>")
+
+    @property
+    def runtime(self) -> str:
+        return self.tensorrt if self.tensorrt.startswith("torch") else f"TensorRT {self.tensorrt}"
 
     @classmethod
     def current(cls, tensorrt_version: str, device: int = 0) -> Platform:
@@ -169,6 +174,7 @@ class Requirement:
     request: tuple[int, int, int, int]  # (height, width, frames, batch) of the video
     shapes: dict[str, Shape] = field(default_factory=dict)  # the call's input shapes (empty: not checked)
     onnx_hash: str | None = None
+    engine: str = "tensorrt"  # or "aoti" (engine/aoti.py): only names the build command of a refusal
 
 
 def mismatches(record: EngineRecord, need: Requirement) -> list[str]:
@@ -185,7 +191,7 @@ def mismatches(record: EngineRecord, need: Requirement) -> list[str]:
         reasons.append(f"it was built for {theirs.gpu} (sm {theirs.compute_capability}), this GPU is {mine.gpu} "
                        f"(sm {mine.compute_capability})")  # fmt: skip
     if mine.tensorrt != theirs.tensorrt:
-        reasons.append(f"it was built with TensorRT {theirs.tensorrt}, this is TensorRT {mine.tensorrt}")
+        reasons.append(f"it was built with {theirs.runtime}, this is {mine.runtime}")
     reasons += outside_profile(record.profile, need.shapes)
     return reasons
 
@@ -199,11 +205,11 @@ def select_engine(candidates: list[tuple[Path, EngineRecord]], need: Requirement
     height, width, frames, batch = need.request
     if not relevant:
         settings = BuildSettings(model=need.model, precision=need.precision, resolutions=(f"{height}x{width}",),
-                                 frames=FrameRange(frames, frames, frames))  # batch 2: with and without CFG  # fmt: skip
+                                 frames=FrameRange(frames, frames, frames), engine=need.engine)  # batch 2: with and without CFG  # fmt: skip
         raise EngineMismatchError(
-            f"no TensorRT engine for {need.graph} ({need.precision}) in the engine cache. Build it with:\n  {settings.command()}"
+            f"no {_KIND[need.engine]} for {need.graph} ({need.precision}) in the engine cache. Build it with:\n  {settings.command()}"
         )
-    lines = [f"no cached TensorRT engine for {need.graph} ({need.precision}) fits this run:"]
+    lines = [f"no cached {_KIND[need.engine]} for {need.graph} ({need.precision}) fits this run:"]
     for folder, record in relevant[:5]:
         lines.append(f"  {folder.name}: " + "; ".join(mismatches(record, need)))
     rebuild = replace(relevant[0][1].settings.widened(height, width, frames, batch), model=need.model)

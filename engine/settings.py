@@ -22,7 +22,10 @@ from pathlib import Path
 from ..export.onnx_export import ExportSettings
 from .profiles import FrameRange, parse_frames, parse_resolutions, resolution_sizes
 
-PRECISIONS = ("fp16", "bf16", "fp8")
+PRECISIONS = ("fp16", "bf16", "fp8", "int8")  # TensorRT; fp8/int8: Q/DQ graphs from a calibration (calib/)
+AOTI_PRECISIONS = ("fp32", "fp16", "bf16")  # --engine aoti: the run dtype
+ENGINES = ("tensorrt", "aoti")
+QUANTIZED = ("fp8", "int8")
 BATCHES = (1, 2)
 ATTENTION_CHOICES = ("auto", "onnx", "decomposed")
 ONNX_ATTENTION_MIN_TENSORRT = (10, 14)  # the first TensorRT whose ONNX parser maps Attention to IAttention
@@ -45,6 +48,8 @@ class BuildSettings:
     workspace_gb: float | None = None
     out: Path | None = None  # engine folder root; default cache_root()/engines
     attention: str = "auto"
+    engine: str = "tensorrt"  # or "aoti": AOTInductor packages of the transformer blocks (engine/aoti.py)
+    calibration: Path | None = None  # fp8/int8: the calibration folder (ruyi-trt calibrate --out)
 
     @classmethod
     def from_strings(cls, model: str, precision: str, resolution: str, frames: str, **kwargs) -> BuildSettings:
@@ -56,13 +61,21 @@ class BuildSettings:
 
     def validate(self) -> None:
         """ValueError naming the option, the value and what is allowed."""
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision: {self.precision!r} is not supported; use one of {PRECISIONS}.")
-        if self.precision == "fp8":
-            raise ValueError(
-                "--precision fp8: FP8 engines need calibrated graphs with explicit Q/DQ nodes (the calib/ stage), "
-                "which is not built yet; use --precision fp16 or bf16 (or the torch backend's --fp8 weight storage)."
-            )
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine: {self.engine!r} is not supported; use one of {ENGINES}.")
+        allowed = AOTI_PRECISIONS if self.engine == "aoti" else PRECISIONS
+        if self.precision not in allowed:
+            raise ValueError(f"--precision: {self.precision!r} is not supported with --engine {self.engine}; use one of {allowed}.")
+        if self.engine == "aoti" and (self.weight_streaming or self.refit or self.per_block):
+            raise ValueError("--engine aoti: --weight-streaming, --refit and --per-block are TensorRT options (AOTInductor "
+                             "packages are always per block and load their weights at run time).")
+        if self.precision in QUANTIZED and self.refit:
+            raise ValueError(f"--precision {self.precision}: --refit cannot refit quantized weights; rebuild instead.")
+        if self.precision in QUANTIZED and self.per_block:
+            raise ValueError(f"--precision {self.precision}: the Q/DQ transformer is one whole graph (its weights are "
+                             "quantized initializers); drop --per-block.")
+        if self.calibration is not None and self.precision not in QUANTIZED:
+            raise ValueError(f"--calibration applies to --precision fp8/int8 only (got {self.precision}).")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"--attention: {self.attention!r} is not supported; use one of {ATTENTION_CHOICES}.")
         if self.batch not in BATCHES:
@@ -77,18 +90,25 @@ class BuildSettings:
     def resolved(self, transformer_weight_bytes: int, tensorrt_version: tuple[int, ...]) -> BuildSettings:
         """These settings with per_block and attention decided for a model of that weight size and a target
         TensorRT version (see the module docstring)."""
-        per_block = self.per_block if self.per_block is not None else transformer_weight_bytes > WHOLE_ENGINE_MAX_BYTES
+        per_block = self.per_block
+        if per_block is None:  # a Q/DQ transformer is one whole graph
+            per_block = self.precision not in QUANTIZED and transformer_weight_bytes > WHOLE_ENGINE_MAX_BYTES
         attention = self.attention
         if attention == "auto":
             attention = "onnx" if tensorrt_version >= ONNX_ATTENTION_MIN_TENSORRT else "decomposed"
         return replace(self, per_block=per_block, attention=attention)
 
     def export_settings(self) -> ExportSettings:
-        """The ONNX export these engines are built from (the graph's dtypes carry the precision); call it on
-        `resolved` settings."""
+        """The ONNX export these engines are built from (the graph's dtypes carry the precision; fp8/int8 graphs are
+        fp16 graphs with Q/DQ added, export/qdq.py); call it on `resolved` settings."""
         if self.per_block is None or self.attention == "auto":
             raise ValueError("export_settings needs resolved settings (BuildSettings.resolved).")
-        return ExportSettings(dtype=self.precision, per_block=self.per_block, attention=self.attention)
+        return ExportSettings(dtype=self.graph_dtype, per_block=self.per_block, attention=self.attention)
+
+    @property
+    def graph_dtype(self) -> str:
+        """The exported graphs' dtype: the precision, fp16 for fp8/int8 (their Q/DQ transformer is made from it)."""
+        return "fp16" if self.precision in QUANTIZED else self.precision
 
     def widened(self, height: int, width: int, frames: int, batch: int) -> BuildSettings:
         """These settings grown to also cover one request size (for 'rebuild with ...' messages)."""
@@ -115,6 +135,10 @@ class BuildSettings:
             parts += ["--workspace", f"{self.workspace_gb:g}"]
         if self.out is not None:
             parts += ["--out", str(self.out)]
+        if self.engine != "tensorrt":
+            parts += ["--engine", self.engine]
+        if self.calibration is not None:
+            parts += ["--calibration", str(self.calibration)]
         return " ".join(shlex.quote(p) for p in parts)
 
     def to_json(self) -> dict:
@@ -125,6 +149,7 @@ class BuildSettings:
             "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
             "workspace_gb": self.workspace_gb, "out": None if self.out is None else str(self.out),
             "attention": self.attention,
+            "engine": self.engine, "calibration": None if self.calibration is None else str(self.calibration),
         }  # fmt: skip
 
     @classmethod
@@ -136,5 +161,7 @@ class BuildSettings:
             timing_cache=None if data["timing_cache"] is None else Path(data["timing_cache"]),
             workspace_gb=data["workspace_gb"], out=None if data["out"] is None else Path(data["out"]),
             attention=data.get("attention", "auto"),
+            engine=data.get("engine", "tensorrt"),
+            calibration=None if data.get("calibration") is None else Path(data["calibration"]),
         )  # fmt: skip
 

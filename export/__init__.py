@@ -7,7 +7,7 @@ Modules: specs (ExportSpec per graph), wrappers (modules traced per graph), sour
 full-random, read piece by piece), graph_passes (fold, ONNX Attention, fp32 upcast, dim names), stitch (the
 whole transformer from the per-block graphs), graph_stats (tensor sizes at given shapes by shape inference),
 manifest (manifest.json, checkpoint hashing), onnx_export (the export driver), readiness (the TensorRT check
-against trt_supported_ops.json).
+against trt_supported_ops.json), qdq (QuantizeLinear/DequantizeLinear from calibrated scales: the fp8/int8 graphs).
 """
 
 from .onnx_export import (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +43,13 @@ from .request import MAX_STEPS, check_number
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("torch", "ort", "trt")  # ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: trt_backend.py
+BACKENDS = ("torch", "ort", "trt", "ort-int8", "ort-fp8", "torch-compile", "aoti")
+# ort: runtime/backends/ort_backend.py over exported ONNX graphs; trt: runtime/backends/trt_backend.py;
+# ort-int8/ort-fp8: ort with the transformer's calibrated Q/DQ graph (needs `calibration`, see runtime/calibration.py);
+# torch-compile: torch with every block torch.compile'd (runtime/backends/compiled.py); aoti: torch with the
+# transformer as AOTInductor packages made by `ruyi-trt build --engine aoti` (runtime/backends/aoti_backend.py)
+ORT_BACKENDS = ("ort", "ort-int8", "ort-fp8")
+QUANTIZED_ORT = {"ort-int8": "int8", "ort-fp8": "fp8"}
 MEMORY_MODES = PLAN_MODES
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d{1,3})?")
 MAX_OFFLOAD_STEPS = 1000
@@ -91,6 +97,7 @@ class RuntimeOptions:
     enhance_a_video: float | None = None
     enhance_a_video_skip_start: int = 0
     enhance_a_video_skip_end: int = 0
+    calibration: str | None = None  # ort-int8 / ort-fp8: the calibration folder (ruyi-trt calibrate --out)
     parallel: ParallelConfig | None = None
     compute: str = "none"
     attention: str = "sdpa"
@@ -121,6 +128,7 @@ class RuntimeOptions:
         enhance_a_video_skip_end: int | None = None,
         lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
         lora_strength: float = 1.0,
+        calibration: str | Path | None = None,
         parallel: ParallelConfig | str | None = None,
         compute: str = "none",
         scales: str | Path | None = None,
@@ -147,7 +155,7 @@ class RuntimeOptions:
             backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
             offload_steps=offload_steps, fp8=fp8, fp8_storage=resolve_fp8_storage(fp8_storage),
             teacache_threshold=teacache, loras=lora_list(lora, lora_strength), vram_budget_gb=vram_budget,
-            enhance_a_video=enhance_a_video,
+            enhance_a_video=enhance_a_video, calibration=str(calibration) if calibration is not None else None,
             parallel=ParallelConfig.parse(parallel) if isinstance(parallel, str) else parallel,
             compute=compute, scales=str(scales) if scales is not None else None, attention=attention,
             fused_kernels=fused_kernels,
@@ -179,7 +187,7 @@ class RuntimeOptions:
             check_number(name, getattr(self, name), 1, MAX_STEPS, integer=True)  # the first/last step always computed
         for name in ("enhance_a_video_skip_start", "enhance_a_video_skip_end"):
             check_number(name, getattr(self, name), 0, MAX_STEPS, integer=True)
-        if self.enhance_a_video is not None and self.backend != "torch":
+        if self.enhance_a_video is not None and self.backend not in ("torch", "torch-compile"):
             raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
                              "use --backend torch.")
         if self.parallel is not None and self.backend != "torch":
@@ -191,16 +199,34 @@ class RuntimeOptions:
             check_number("vram_budget_gb", self.vram_budget_gb, MIN_VRAM_BUDGET_GB, MAX_VRAM_BUDGET_GB)
         for _, strength in self.loras:
             check_number("lora_strength", strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH)
-        if self.backend == "ort" and self.dtype == "bf16":
-            raise ValueError("dtype: bf16 is not supported by backend ort (ONNX Runtime's Python API has no bfloat16 "
-                             "arrays); use fp16 or fp32.")
-        if self.backend == "ort":
+        if self.backend in ORT_BACKENDS and self.dtype == "bf16":
+            raise ValueError(f"dtype: bf16 is not supported by backend {self.backend} (ONNX Runtime's Python API has no "
+                             "bfloat16 arrays); use fp16 or fp32.")
+        if self.backend in ORT_BACKENDS:
             torch_only = {"fp8": self.fp8 not in ("none", "auto"), "lora": bool(self.loras), "offload_steps": bool(self.offload_steps),
                           "teacache": self.teacache_threshold is not None,
                           "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # ORT places its own memory
             used = [name for name, on in torch_only.items() if on]
             if used:
-                raise ValueError(f"backend ort: {used} only apply to the torch backend; drop them or use --backend torch.")
+                raise ValueError(f"backend {self.backend}: {used} only apply to the torch backend; drop them or use --backend torch.")
+        if self.backend == "aoti":
+            torch_only = {"fp8": self.fp8 not in ("none", "auto"), "offload_steps": bool(self.offload_steps),
+                          "teacache": self.teacache_threshold is not None, "enhance_a_video": self.enhance_a_video is not None,
+                          "memory_mode": self.memory_mode not in ("auto", "full_gpu")}  # fmt: skip
+            used = [name for name, on in torch_only.items() if on]
+            if used:
+                raise ValueError(f"backend aoti: {used} only apply to the torch backend (the AOTInductor blocks hold "
+                                 "the whole model on the device); drop them or use --backend torch.")
+        if self.calibration is not None:
+            if self.backend not in QUANTIZED_ORT:
+                raise ValueError(f"calibration: applies to backend ort-int8 / ort-fp8 only (not {self.backend}); drop it "
+                                 "or use one of those.")
+            from ..calib.store import RECORD_NAME
+
+            if not (Path(self.calibration) / RECORD_NAME).is_file():
+                raise ValueError(f"calibration: {self.calibration} holds no {RECORD_NAME}; make one with ruyi-trt "
+                                 f"calibrate --precision {QUANTIZED_ORT[self.backend]} --out DIR, or drop it to use "
+                                 "the cached calibration.")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device: {self.device!r} is not a device; use cpu, cuda or cuda:N (N = 0..GPUs - 1).")
         device = torch.device(self.device)
@@ -278,7 +304,7 @@ def default_dtype(device: str, backend: str) -> str:
     """bf16 on a GPU (fp16 with ONNX Runtime, which has no bf16 arrays), fp32 on the CPU."""
     if not device.startswith("cuda"):
         return "fp32"
-    return "fp16" if backend == "ort" else "bf16"
+    return "fp16" if backend in ORT_BACKENDS else "bf16"
 
 
 def run_settings(options: RuntimeOptions, num_blocks: int, plan: MemoryPlan | None = None) -> PlanSettings:
@@ -301,7 +327,7 @@ def plan_depends_on_video(options: RuntimeOptions) -> bool:
     """Whether the memory plan (and so what is loaded) depends on the video size: memory_mode auto on the torch or
     TensorRT backend with a CUDA device or a --vram-budget to plan for."""
     planned = options.vram_budget_gb is not None or torch.device(options.device).type == "cuda"
-    return options.memory_mode == "auto" and options.backend != "ort" and planned
+    return options.memory_mode == "auto" and options.backend not in (*ORT_BACKENDS, "aoti") and planned
 
 
 def memory_plan(
@@ -341,19 +367,39 @@ def memory_plan(
     return plan_memory(checkpoint.transformer, checkpoint.vae, ClipSpec.from_config(checkpoint.image_encoder), request)
 
 
+def calibration_folder(checkpoint: Checkpoint, options: RuntimeOptions) -> Path:
+    """ort-int8 / ort-fp8: `options.calibration`, else the cached calibration of the checkpoint (default settings);
+    ValueError naming the calibrate command when there is none (`ruyi-trt run` and `bench` calibrate first)."""
+    from ..calib.store import CalibrationSettings, cache_dir, read_record
+
+    precision = QUANTIZED_ORT[options.backend]
+    if options.calibration is not None:
+        return Path(options.calibration)
+    folder = cache_dir(checkpoint.weights_hash("transformer"), precision, CalibrationSettings())
+    if read_record(folder) is None:
+        raise ValueError(f"backend {options.backend}: no calibration of {checkpoint.name} is cached; make one with "
+                         f"ruyi-trt calibrate --model {checkpoint.name} --precision {precision} --out DIR and pass "
+                         "calibration=DIR (--calibration DIR), or use ruyi-trt run, which calibrates on first use.")
+    return folder
+
+
 def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: MemoryPlan | None = None) -> Components:
     """Load the checkpoint's four components for `options.backend`, following `plan` (torch and TensorRT)."""
     options.validate()
-    if options.backend == "ort":
+    if options.backend in ORT_BACKENDS:
         from .backends.ort_backend import ort_components
 
-        return ort_components(checkpoint, options.device, options.dtype)  # ONNX Runtime places its own memory
+        quantized = None
+        if options.backend in QUANTIZED_ORT:
+            quantized = (QUANTIZED_ORT[options.backend], calibration_folder(checkpoint, options))
+        return ort_components(checkpoint, options.device, options.dtype, quantized=quantized)  # ORT places its own memory
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
         return trt_components(checkpoint, options.dtype, plan, False, options.loras)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
-    settings = run_settings(options, checkpoint.transformer.num_layers, plan)
+    memory = replace(options, memory_mode="full_gpu") if options.backend == "aoti" else options  # see validate
+    settings = run_settings(memory, checkpoint.transformer.num_layers, plan)
     # Models are loaded to the host first whenever something stays there between uses.
     all_resident = not settings.offload_models and settings.resident_blocks == checkpoint.transformer.num_layers
     load_device = device if (device.type == "cuda" and all_resident) else torch.device("cpu")
@@ -362,7 +408,7 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     vae = checkpoint.load_vae(dtype, load_device)
     image_encoder = checkpoint.load_image_encoder(dtype, load_device)
     scales_hash = checkpoint.weights_hash("transformer") if options.scales and not checkpoint.is_random else None
-    return assemble_torch_components(transformer, vae, image_encoder, options, settings, scales_hash)
+    return assemble_torch_components(transformer, vae, image_encoder, options, settings, scales_hash, checkpoint)
 
 
 def assemble_torch_components(
@@ -372,10 +418,12 @@ def assemble_torch_components(
     options: RuntimeOptions,
     settings: PlanSettings,
     scales_hash: str | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> Components:
     """The torch backend over loaded modules: the LoRAs merged, the plan's FP8 storage and VAE tiling applied, 8-bit
     compute swapped in (`scales_hash`: the transformer weights' hash a scales file must match), and the block
-    runner that executes the memory settings (per rank under --parallel)."""
+    runner that executes the memory settings (per rank under --parallel), compiled (torch-compile) or replaced by
+    the AOTInductor packages (aoti, which needs `checkpoint`)."""
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     for path, strength in options.loras:  # in order, each rounded into the weights' dtype, as the reference
         try:
@@ -409,6 +457,16 @@ def assemble_torch_components(
         enhance_a_video=options.enhance_a_video_settings,
         **context,
     )
+    if options.backend == "torch-compile":
+        from .backends.compiled import CompiledBlocks
+
+        denoiser = CompiledBlocks(denoiser)
+    elif options.backend == "aoti":
+        from .backends.aoti_backend import AotiDenoiser
+
+        if checkpoint is None:
+            raise ValueError("backend aoti: assemble_torch_components needs the checkpoint (the packages' cache keys).")
+        denoiser = AotiDenoiser(transformer, checkpoint, device, dtype)
     components = torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
     )

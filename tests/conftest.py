@@ -74,3 +74,23 @@ def end_png(tmp_path: Path) -> Path:
     path = tmp_path / "end.png"
     gradient_image(120, 90, phase=2.0).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrations(tiny_dir: Path) -> dict[str, Path]:
+    """int8 and fp8 calibrations of the tiny checkpoint (64x64, 2 steps, two controls: seconds, not minutes), written
+    where the default calibration is cached, so `--backend ort-int8/ort-fp8` and `bench` use them without
+    calibrating again."""
+    pytest.importorskip("modelopt")
+    from ruyi_trt.calib.store import CalibrationSettings, cache_dir
+    from ruyi_trt.models.checkpoint import Checkpoint
+    from ruyi_trt.runtime.calibration import calibrate_checkpoint
+
+    checkpoint = Checkpoint.resolve("tiny")
+    small = CalibrationSettings(size=(64, 64), steps=2, cameras=("static", "left"), motions=("1", "3"))
+    folders = {}
+    for precision in ("int8", "fp8"):
+        folder = cache_dir(checkpoint.weights_hash("transformer"), precision, CalibrationSettings())
+        calibrate_checkpoint(checkpoint, precision, folder, small, progress=False)
+        folders[precision] = folder
+    return folders

@@ -25,7 +25,7 @@ from ruyi_trt.testing import gradient_image
 CHOICES = {
     "--camera": ["static", "left", "right", "up", "down", "auto"],
     "--motion": ["1", "2", "3", "4", "auto"], "--scheduler": ["DDIM", "Euler", "Euler A", "DPM++", "PNDM"],
-    "--backend": ["torch", "ort", "trt"], "--dtype": ["fp32", "bf16", "fp16"],
+    "--backend": ["torch", "ort", "trt", "ort-int8", "ort-fp8", "torch-compile", "aoti"], "--dtype": ["fp32", "bf16", "fp16"],
     "--memory-mode": ["auto", "full_gpu", "normal", "low_gpu"], "--fp8": ["auto", "none", "lite", "strong", "extreme"],
     "--fp8-storage": ["auto", "fp8_e4m3fn", "fp8_e5m2"], "--compute": ["none", "fp8", "int8"],
     "--attention": ["sdpa", "fp8", "fp8-full"], "--noise-device": ["cpu", "cuda"],
@@ -51,10 +51,11 @@ class Validated(Exception):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
     """A folder with a good image, a text file, a good LoRA and a folder; the CLI runs in it with model loading
-    replaced by `Validated`."""
+    (and the first-use calibration of ort-int8 / ort-fp8) replaced by `Validated`."""
     import torch
     from safetensors.torch import save_file
 
+    from ruyi_trt.runtime import calibration
     from ruyi_trt.runtime.pipeline import RuyiPipeline
 
     folder = tmp_path_factory.mktemp("fuzz")
@@ -66,6 +67,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
     os.chdir(folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RuyiPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(Validated())))
+        patch.setattr(calibration, "ensure_calibrated", lambda *a, **k: (_ for _ in ()).throw(Validated()))
         yield folder
     os.chdir(previous)
 
@@ -94,8 +96,8 @@ def _valid() -> dict[str, st.SearchStrategy]:
     for flag in FLAGS:
         values[flag] = st.booleans()
     values["--fused-kernels"] = st.just(False)  # needs CUDA
-    # --parallel, --scales and the TeaCache / Enhance-A-Video step options (which need --teacache / --enhance-a-video)
-    # have no value that is valid alone here: only among "anything"
+    # --parallel, --scales, --calibration and the TeaCache / Enhance-A-Video step options (which need --teacache /
+    # --enhance-a-video) have no value that is valid alone here: only among "anything"
     return values
 
 
@@ -112,7 +114,7 @@ def _anything() -> dict[str, st.SearchStrategy]:
         "--lora": st.lists(paths | st.sampled_from(["style.safetensors:x", "style.safetensors:nan", "style.safetensors:500"]),
                            max_size=3),
         "--aspect-ratio": st.sampled_from(["16:9", "0:0", "16x9", "4:3:1"]) | text,
-        "--scales": paths,
+        "--scales": paths, "--calibration": paths,
         "--parallel": st.sampled_from(["ulysses=2", "cfg=2", "ring=0", "x", "ulysses=2,ulysses=2", "cfg=3"]) | text,
     }  # fmt: skip
     for option, choices in CHOICES.items():

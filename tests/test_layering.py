@@ -14,9 +14,9 @@ PACKAGE = "ruyi_trt"
 LAYERS = {
     "ruyi_trt.deps": 0, "ruyi_trt.files": 0, "ruyi_trt.testing": 0,
     "ruyi_trt.models": 1,
-    "ruyi_trt.kernels": 2, "ruyi_trt.weights": 2,
+    "ruyi_trt.kernels": 2, "ruyi_trt.weights": 2, "ruyi_trt.calib": 2,
     "ruyi_trt.export": 3,
-    "ruyi_trt.calib": 4, "ruyi_trt.engine": 5,
+    "ruyi_trt.engine": 5,
     "ruyi_trt.runtime.memory": 6,
     "ruyi_trt.runtime.backends": 7,
     "ruyi_trt.runtime.parallel": 7.5,

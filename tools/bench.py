@@ -49,6 +49,7 @@ from .bench_models import (
     stage_call,
 )
 from .environment import collect_environment, peak_rate
+from .quality import REFERENCE_DTYPE, compare, quality_request, quality_run
 from .report import BenchResults, Measurement, write_report
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class BenchConfig:
     device: str = "cpu"
     time_budget_s: float | None = None
     max_stage_seconds: float | None = None  # stop timing a stage once its timed calls add up to this (>= 1 call)
+    quality: bool = False  # also compare each backend's output with the reference (tools/quality.py)
     parallel: ParallelConfig | None = None  # under torchrun: one process per rank
     block_tokens: int = 2048  # tokens of the `block` stage (a multiple of BLOCK_GRID_WIDTH)
 
@@ -173,15 +175,17 @@ class _Bench:
         if config.parallel is not None:
             self.context = join(config.parallel, config.device)
         self.device = self.context.device if self.context else torch.device(config.device)
-        self.model = open_model(config.model, self.device, config.dtype, config.stages, self.context)
+        self.model = open_model(config.model, self.device, config.dtype, config.stages, self.context, config.shapes)
         _check_frames(config, self.model.vae_config.mini_batch_encoder)
         full_random = config.model == FULL_RANDOM
         self.statuses = backend_statuses(list(config.backends), full_random, self.device)
         environment = collect_environment(self.device)
         gpu_name = (environment["gpu"] or {}).get("name", "")
         peak = peak_rate(gpu_name, config.dtype) if gpu_name else None
+        self.reference = None  # tools.quality.QualityRun of the reference, with --quality
+        reference = f"torch {REFERENCE_DTYPE[self.device.type]}" if config.quality else None
         self.results = BenchResults(
-            config={**config.to_dict(), "model_path": self.model.name},
+            config={**config.to_dict(), "model_path": self.model.name, "quality_reference": reference},
             environment=environment,
             backends=[asdict(s) for s in self.statuses],
             peak=asdict(peak) if peak else None,
@@ -272,6 +276,9 @@ class _Bench:
                         continue
                     self.results.measurements.append(self.bench_stage(session, status.name, stage, shape))
                     self.write(plot=False)
+            if cfg.quality:
+                self.results.quality[status.name] = self.quality_of(session)
+                self.write(plot=False)
         finally:
             session.close()
             _release(self.device)
@@ -302,6 +309,22 @@ class _Bench:
             row.status, row.reason, row.times_s = "error", _reason(exc), []
             _release(self.device)
         return row
+
+    def quality_request(self):
+        shape, cfg = self.config.shapes[0], self.config
+        return quality_request(shape.height, shape.width, shape.frames, cfg.steps)
+
+    def quality_of(self, session) -> dict:
+        """latent cosine and video PSNR of this backend's run against the reference's (or the error)."""
+        if session.pipeline is None:
+            return {"error": "this backend cannot run the whole pipeline"}
+        try:
+            if self.reference is None:
+                self.reference = self.model.reference_run(self.quality_request(), REFERENCE_DTYPE[self.device.type])
+            return compare(quality_run(session.pipeline, self.quality_request()), self.reference)
+        except Exception as exc:  # noqa: BLE001 - recorded like a failed measurement; the others still run
+            log.warning("quality of this backend failed: %s", exc)
+            return {"error": _reason(exc)}
 
     def run(self) -> BenchResults:
         for status in self.statuses:

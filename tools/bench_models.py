@@ -8,7 +8,8 @@ trt) is listed as unavailable with the reason, until runtime.loading wires it.
 The `block` stage (not in the default stages) times one transformer block at the real width (2816 = 16 x 176
 heads, Ruyi-Mini-7B's sizes, random weights) on a one-frame grid of `block_tokens` tokens, whatever the model:
 a comparable row for every backend even on CPU, where the full model is out of reach. Torch paths run it through
-the same fast-path wrapping as the whole transformer (`BlockHost` has `.blocks`).
+the same wrapping as the whole transformer (`BlockHost` has `.blocks`: fast paths, torch-compile's regional
+compilation); ort, ort-int8, ort-fp8 and aoti run it as their own block graph (tools/block_backends.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from ..models.transformer import TransformerConfig, rotary_embedding
 from ..models.transformer_blocks import TransformerBlock
 from ..models.vae_config import VAEConfig
+from ..runtime.backends.compiled import CompiledBlocks
 from ..runtime.backends.protocol import Backend, Denoiser
 from .fast_paths import FAST_PATHS, wrap_denoiser
 from .flops import FlopCount, transformer_flops
@@ -85,7 +87,7 @@ def backend_statuses(names: list[str], full_random: bool, device: torch.device) 
             statuses.append(BackendStatus(name, "fast-path", why is None, why or path.description))
         elif name in BACKENDS:
             usable, why = doctor.get(name, (True, ""))
-            if full_random and name != "torch":
+            if full_random and name not in ("torch", "torch-compile"):
                 usable, why = (
                     False,
                     f"{FULL_RANDOM} has no checkpoint folder to build {name} components from; use --model PATH",
@@ -115,11 +117,13 @@ class Session:
 
 
 class BlockHost(torch.nn.Module):
-    """One transformer block held as `.blocks`, so fast paths apply to it exactly as to the whole transformer."""
+    """One transformer block held as `.blocks`, so fast paths apply to it exactly as to the whole transformer;
+    `config`: the transformer configuration the block was made from (its graph backends rebuild it)."""
 
-    def __init__(self, block: TransformerBlock):
+    def __init__(self, block: TransformerBlock, config: TransformerConfig):
         super().__init__()
         self.blocks = torch.nn.ModuleList([block])
+        self.config = config
 
 
 class BlockDenoiser:
@@ -138,23 +142,26 @@ class BlockDenoiser:
         """The block is shared by every backend."""
 
 
-def full_width_block(device: torch.device, dtype: torch.dtype, seed: int = 0) -> BlockHost:
-    """A plain (no long skip) block at Ruyi-Mini-7B's width with random weights, on `device` in `dtype`."""
+def full_width_block(device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     config: TransformerConfig | None = None) -> BlockHost:  # fmt: skip
+    """A plain (no long skip) block at Ruyi-Mini-7B's width (or `config`'s) with random weights, on `device` in
+    `dtype`."""
     from ..models.presets import randomize_
 
-    config = TransformerConfig.full()
+    config = config or TransformerConfig.full()
     with torch.device(device):
         block = TransformerBlock(
             config.inner_dim, config.num_attention_heads, config.cross_attention_dim, config.ff_inner_dim,
             "tanh", has_skip=False, time_position_encoding=True,  # activation_fn "gelu-approximate"
         )  # fmt: skip
     randomize_(block, seed, keep={"t_embed.pe"})
-    return BlockHost(block).to(dtype).eval().requires_grad_(False)
+    return BlockHost(block, config).to(dtype).eval().requires_grad_(False)
 
 
-def block_inputs(tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random inputs of the full-width block for one sample of `tokens` tokens (one frame, BLOCK_GRID_WIDTH wide)."""
-    config = TransformerConfig.full()
+def block_inputs(tokens: int, device: torch.device, dtype: torch.dtype, config: TransformerConfig | None = None) -> dict:
+    """Random inputs of the full-width block (or `config`'s) for one sample of `tokens` tokens (one frame,
+    BLOCK_GRID_WIDTH wide)."""
+    config = config or TransformerConfig.full()
     gen = torch.Generator().manual_seed(0)
     rows, p = tokens // BLOCK_GRID_WIDTH, config.patch_size
     cos, sin = rotary_embedding(rows * p, BLOCK_GRID_WIDTH * p, p, config.attention_head_dim)
@@ -184,22 +191,34 @@ class SharedBlock:
         self.device, self.dtype = device, dtype
         self._host: BlockHost | None = None
 
-    def denoiser(self, path) -> Denoiser:
+    def denoiser(self, backend: str) -> Denoiser | None:
+        """The block through `backend`'s path: a torch fast path's wrapping, torch-compile's regional compilation,
+        or the block graph of ort / ort-int8 / ort-fp8 / aoti (tools/block_backends.py); None for trt."""
+        from .block_backends import MAKERS, block_runner
+
+        if backend not in ("torch", "torch-compile", *FAST_PATHS, *MAKERS):
+            return None
         if self._host is None:
             log.info("building the full-width block (hidden 2816, 16 x 176 heads) on %s", self.device)
             self._host = full_width_block(self.device, DTYPES[self.dtype])
+        if backend in MAKERS:
+            from ..models.presets import cache_root
+
+            return block_runner(backend, self._host, cache_root() / "bench-block", self.device)
         base = BlockDenoiser(self._host)
+        if backend == "torch-compile":
+            return CompiledBlocks(base)
+        path = FAST_PATHS.get(backend)
         return wrap_denoiser(path, base, self.device, DTYPES[self.dtype]) if path else base
 
 
 class CheckpointModel:
     """A checkpoint folder (or the tiny preset), loaded through the public pipeline once per backend."""
 
-    def __init__(
-        self, checkpoint: Checkpoint, device: torch.device, dtype: str, context=None, stages: tuple[str, ...] = STAGES
-    ):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: str, context=None,
+                 stages: tuple[str, ...] = STAGES, shapes: tuple[Shape, ...] = ()):  # fmt: skip
         self.checkpoint, self.device, self.dtype, self.context = checkpoint, device, dtype, context
-        self.stages = stages
+        self.stages, self.shapes = stages, shapes
         self.transformer_config, self.vae_config = checkpoint.transformer, checkpoint.vae
         self.name = str(checkpoint.folder)
         self.shared_block = SharedBlock(device, dtype)
@@ -214,12 +233,13 @@ class CheckpointModel:
         pipeline = RuyiPipeline.from_pretrained(
             self.checkpoint, backend="torch" if path else status.name, device=str(self.device), dtype=self.dtype,
             memory_mode=path.memory_mode if path else "full_gpu", parallel=self.context.config if self.context else None,
+            **self.prepare(status.name),
         )  # fmt: skip
         comps = pipeline.components
         if path:
             comps.denoiser = wrap_denoiser(path, comps.denoiser, self.device, DTYPES[self.dtype])
         image_size, tokens, hidden = self.checkpoint.clip_geometry
-        block = self.shared_block.denoiser(path) if BLOCK_STAGE in self.stages else None
+        block = self.shared_block.denoiser(status.name) if BLOCK_STAGE in self.stages else None
 
         def close() -> None:
             comps.close()
@@ -232,6 +252,40 @@ class CheckpointModel:
             clip_image_size=int(self.checkpoint.image_processor["crop_size"]["height"]),
             close=close, pipeline=pipeline, block=block,
         )  # fmt: skip
+
+
+    def prepare(self, backend: str) -> dict:
+        """Make what a backend needs before it loads, like `ruyi-trt run` does: a calibration for ort-int8 / ort-fp8
+        (the cached one, calibrated on first use), AOTInductor packages covering the bench shapes for aoti."""
+        if backend in ("ort-int8", "ort-fp8"):
+            from ..runtime.calibration import ensure_calibrated
+
+            return {"calibration": str(ensure_calibrated(self.checkpoint, backend.removeprefix("ort-"), progress=False))}
+        if backend == "aoti" and self.shapes:
+            from ..engine.aoti import packages_cover
+            from ..engine.build import build_engines
+            from ..engine.profiles import FrameRange
+            from ..engine.settings import BuildSettings
+
+            frames = sorted({s.frames for s in self.shapes})
+            sizes = tuple(dict.fromkeys(f"{s.height}x{s.width}" for s in self.shapes))
+            settings = BuildSettings(model=self.checkpoint.name, precision=self.dtype, resolutions=sizes,
+                                     frames=FrameRange(frames[0], frames[0], frames[-1]), engine="aoti")  # fmt: skip
+            if not packages_cover(settings):
+                build_engines(settings, progress=False)
+        return {}
+
+    def reference_run(self, request, dtype: str):
+        """tools.quality's reference: the torch backend in `dtype` on this device."""
+        from ..runtime.pipeline import RuyiPipeline
+        from .quality import quality_run
+
+        pipeline = RuyiPipeline.from_pretrained(self.checkpoint, backend="torch", device=str(self.device), dtype=dtype,
+                                                memory_mode="full_gpu")  # fmt: skip
+        try:
+            return quality_run(pipeline, request)
+        finally:
+            pipeline.unload()
 
 
 class ModuleDenoiser:
@@ -301,12 +355,14 @@ class FullRandomModel:
                 denoiser = ModuleDenoiser(transformer)
             if path:
                 denoiser = wrap_denoiser(path, denoiser, self.device, dtype)
+            elif status.name == "torch-compile":
+                denoiser = CompiledBlocks(denoiser)
         vae = self._module("vae") if {"vae_encode", "vae_decode"} & set(self.stages) else None
         clip = self._module("image_encoder") if "image_encoder" in self.stages else None
-        block = self.shared_block.denoiser(path) if BLOCK_STAGE in self.stages else None
+        block = self.shared_block.denoiser(status.name) if BLOCK_STAGE in self.stages else None
 
         def close_session() -> None:
-            if denoiser is not None and path:
+            if denoiser is not None and (path or status.name == "torch-compile"):
                 denoiser.close()  # undoes the fast path's changes; the shared modules stay
             if block is not None:
                 block.close()
@@ -332,14 +388,16 @@ class FullRandomModel:
         )
 
 
-def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, ...], context=None):
+def open_model(spec: str, device: torch.device, dtype: str, stages: tuple[str, ...], context=None,
+               shapes: tuple[Shape, ...] = ()):  # fmt: skip
     """`tiny`, `full-random` or a checkpoint folder -> a model that opens one Session per backend
-    (`context`: this rank's runtime.parallel.ParallelContext under --parallel)."""
+    (`context`: this rank's runtime.parallel.ParallelContext under --parallel; `shapes`: the bench's, for the
+    AOTInductor packages that must cover them)."""
     if spec == FULL_RANDOM:
         return FullRandomModel(device, dtype, stages, context)
     from ..models.checkpoint import Checkpoint
 
-    return CheckpointModel(Checkpoint.resolve(spec, download=False), device, dtype, context, stages)
+    return CheckpointModel(Checkpoint.resolve(spec, download=False), device, dtype, context, stages, shapes)
 
 
 def denoiser_inputs(

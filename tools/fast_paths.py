@@ -2,9 +2,8 @@
 
 | name                 | what changes (only the denoiser; the other stages run as eager torch)                      |
 |----------------------|---------------------------------------------------------------------------------------------|
-| torch-compile        | torch.compile of every transformer block (regional compilation: the 40 identical blocks     |
-|                      | share one compiled graph, so compiling takes about one block's time), default mode          |
-| torch-compile-max    | the same with mode="max-autotune-no-cudagraphs" (long autotuning in the warm-up)            |
+| torch-compile-max    | the torch-compile backend's regional compilation (runtime/backends/compiled.py) with        |
+|                      | mode="max-autotune-no-cudagraphs" (long autotuning in the warm-up)                          |
 | torch-cudagraph      | the whole denoiser call captured into a CUDA graph once per input shape, then replayed      |
 | torch-sdpa-flash     | scaled_dot_product_attention restricted to FlashAttention                                   |
 | torch-sdpa-cudnn     | ... restricted to cuDNN attention                                                            |
@@ -18,6 +17,7 @@
 | torch-fp8-all        | FP8 GEMMs + FP8 attention with P.V in e4m3 + the fused Triton glue kernels (cc >= 8.9)       |
 | torch-fused          | the fused Triton glue kernels alone (norm1 + shift, QK-norm + RoPE, GELU-tanh; CUDA)         |
 Compilation, graph capture and autotuning happen in the warm-up calls, which are timed separately (warmup_s).
+`torch-compile` itself is a run backend (`--backend torch-compile`), benchmarked like ort or trt.
 The 8-bit and kernel paths are runtime.backends.fast_compute.FastCompute settings (`run --compute/--attention`).
 """
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..runtime.backends.compiled import CompiledBlocks, blocks_model
 from ..runtime.backends.fast_compute import FastCompute, apply_fast_compute
 from ..runtime.backends.protocol import Denoiser
 
@@ -55,7 +56,6 @@ class FastPath:
 FAST_PATHS: dict[str, FastPath] = {
     path.name: path
     for path in (
-        FastPath("torch-compile", "torch.compile of each transformer block (default mode)", False, compile_mode="default"),
         FastPath("torch-compile-max", "torch.compile of each block, mode max-autotune-no-cudagraphs", True,
                  compile_mode="max-autotune-no-cudagraphs"),
         FastPath("torch-cudagraph", "CUDA graph of the whole denoiser call, captured per shape", True, cuda_graph=True),
@@ -81,44 +81,13 @@ FAST_PATHS: dict[str, FastPath] = {
 }  # fmt: skip
 
 
-def _inner_model(denoiser: Denoiser) -> torch.nn.Module:
-    """The torch model a denoiser runs: a RuyiTransformer3D, or anything else with `.blocks` (the bench's block)."""
-    model = getattr(denoiser, "model", None)
-    if not isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
-        raise TypeError(f"{type(denoiser).__name__} holds no torch transformer blocks to change")
-    return model
-
-
-class CompiledBlocks:
-    """Compiles each transformer block's forward in place (whoever holds the blocks, e.g. a block streamer,
-    runs the compiled code); `close` puts the plain forwards back."""
-
-    def __init__(self, base: Denoiser, mode: str):
-        self.base = base
-        self.blocks = list(_inner_model(base).blocks)
-        compile_mode = None if mode == "default" else mode
-        for block in self.blocks:
-            block.forward = torch.compile(block.forward, mode=compile_mode)
-
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.base(**inputs)
-
-    def start(self, num_calls: int, num_steps: int | None = None) -> None:
-        self.base.start(num_calls, num_steps)
-
-    def close(self) -> None:
-        for block in self.blocks:
-            del block.forward  # the instance attribute; the class's forward shows again
-        self.base.close()
-
-
 class FastComputeDenoiser:
     """Applies a FastCompute setting (8-bit GEMMs, FP8 attention, fused kernels) to the denoiser's model; `close`
     undoes it (the model may be shared by other backends)."""
 
     def __init__(self, base: Denoiser, settings: FastCompute, device: torch.device):
         self.base = base
-        self.undo = apply_fast_compute(_inner_model(base), settings, device)
+        self.undo = apply_fast_compute(blocks_model(base), settings, device)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.base(**inputs)

@@ -84,6 +84,7 @@ class BenchResults:
     peak: dict | None  # the GPU's datasheet rate used for % of peak, with its source
     measurements: list[Measurement] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    quality: dict[str, dict] = field(default_factory=dict)  # backend -> latent_cosine, psnr_db (bench --quality)
 
     def to_dict(self) -> dict:
         return {
@@ -94,6 +95,7 @@ class BenchResults:
             "peak": self.peak,
             "notes": self.notes,
             "measurements": [m.to_dict() for m in self.measurements],
+            "quality": self.quality,
         }
 
 
@@ -152,6 +154,14 @@ def markdown(results: BenchResults) -> str:
             f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.peak_driver_bytes)} "
             f"| {_gib(m.host_rss_bytes)} | {comm} | {status} |"
         )
+    if results.quality:
+        lines += ["", "## Quality (same seed as the reference: " + str(results.config.get("quality_reference")) + ")", "",
+                  "| backend | latent cosine | video PSNR dB |", "|---|---|---|"]  # fmt: skip
+        for backend, q in results.quality.items():
+            if "error" in q:
+                lines.append(f"| {backend} | - | - ({q['error']}) |")
+            else:
+                lines.append(f"| {backend} | {q['latent_cosine']:.6f} | {q['psnr_db']:.2f} |")
     unavailable = [b for b in results.backends if not b["available"]]
     if unavailable:
         lines += ["", "## Unavailable backends", ""]

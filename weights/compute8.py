@@ -1,109 +1,41 @@
 """8-bit compute for the transformer's linear layers: FP8 GEMMs through `torch._scaled_mm`, INT8 through torchao.
 
 Unlike `fp8_storage` (the reference's storage-only FP8), the GEMMs themselves run in 8 bits:
-- fp8: weights e4m3 with a per-tensor scale (calibrated) or per-output-channel scales (dynamic); activations
+- fp8: weights e4m3 with per-output-channel scales (or per tensor where a calibration says so); activations
   quantized at run time with the calibrated per-tensor `input_scale`, or per token (dynamic, amax of each row).
   `torch._scaled_mm` accumulates in fp32 and adds the bias. Needs compute capability >= 8.9 on a GPU; on CPU it
   runs (slowly), which is how it is tested.
 - int8: torchao's int8 GEMMs (`torch._int_mm`; Ampere and newer, and CPU): dynamic per-token activations with
   per-channel weights, or with calibrated scales, SmoothQuant (x * s into W / s) and the static per-tensor
   `input_scale`.
-Which layers: the token-wise linears of every block (the calibration recipe's set), or exactly the layers of a
-scales file. Scales files follow `ruyi-trt-scales/1` (written by `ruyi-trt calibrate`, calib/).
+Which layers: the token-wise linears of every block (calib.recipe, the set `ruyi-trt calibrate` quantizes), or
+exactly the layers of a scales file (`ruyi-trt-scales/1`, read by calib.scales.read_scales).
 Every function swaps modules and returns the originals, so a caller can put them back (`restore_modules`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..calib.recipe import quantized_linears
+from ..calib.scales import QMAX, Scales, ScalesError
+
 log = logging.getLogger(__name__)
 
 COMPUTE_MODES = ("none", "fp8", "int8")
-SCALES_FORMAT = "ruyi-trt-scales/1"
-SCALES_NAME = "scales.safetensors"
-FP8_MAX = 448.0
-# The recipe's layers inside each block (calib/ quantizes the same set): every token goes through them.
-TOKEN_LINEARS = (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
-    "attn_clip.to_q", "attn_clip.to_out.0", "gate_clip.proj", "ff.net.0.proj", "ff.net.2", "skip_linear",
-)  # fmt: skip
-_BLOCK_LAYER = re.compile(r"^blocks\.\d+\.(.+)$")
-
-
-class ScalesError(ValueError):
-    """A scales file that is missing, unreadable, of another format, or for another model."""
-
-
-def scales_file(path: str | Path) -> Path:
-    """The scales file a `--scales` argument names: the file itself, or DIR/scales.safetensors."""
-    path = Path(path)
-    return path / SCALES_NAME if path.is_dir() else path
-
-
-@dataclass(frozen=True)
-class LayerScales:
-    """One layer's calibrated scales (float32): input_scale 0-d, weight_scale 0-d or [out], smooth [in] or None."""
-
-    input_scale: Tensor
-    weight_scale: Tensor
-    smooth: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class CalibratedScales:
-    """A scales file: precision ("fp8" or "int8"), per-layer scales, and the checkpoint hash it was made for."""
-
-    precision: str
-    layers: dict[str, LayerScales]
-    checkpoint_hash: str
-    path: Path
-
-
-def read_scales_file(path: str | Path) -> CalibratedScales:
-    """Read `path` (a scales.safetensors file, or the folder holding one); clear errors for anything else."""
-    from safetensors import SafetensorError, safe_open
-
-    path = scales_file(path)
-    if not path.is_file():
-        raise ScalesError(f"{path} does not exist; make it with `ruyi-trt calibrate --out {path.parent}`, "
-                                "or drop --scales for dynamic scales.")  # fmt: skip
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key).float() for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as exc:
-        raise ScalesError(f"{path} is not a readable safetensors file ({exc}); re-run ruyi-trt calibrate.") from exc
-    if metadata.get("format") != SCALES_FORMAT or metadata.get("precision") not in ("fp8", "int8"):
-        raise ScalesError(f"{path}: format {metadata.get('format')!r} / precision {metadata.get('precision')!r}; "
-                         f"expected {SCALES_FORMAT!r} with fp8 or int8; re-run ruyi-trt calibrate.")  # fmt: skip
-    layers = {}
-    for key, value in tensors.items():
-        if key.endswith(".input_scale"):
-            name = key.removesuffix(".input_scale")
-            if f"{name}.weight_scale" not in tensors:
-                raise ScalesError(f"{path}: {name} has an input_scale but no weight_scale; re-run ruyi-trt calibrate.")
-            layers[name] = LayerScales(value, tensors[f"{name}.weight_scale"], tensors.get(f"{name}.smooth"))
-    if not layers:
-        raise ScalesError(f"{path} holds no layer scales; re-run ruyi-trt calibrate.")
-    return CalibratedScales(metadata["precision"], layers, metadata.get("checkpoint_hash", ""), path)
+FP8_MAX = QMAX["fp8"]
 
 
 def token_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The recipe's linear layers of `model` (a RuyiTransformer3D), by module path."""
-    return {
-        name: module for name, module in model.named_modules()
-        if type(module) is nn.Linear and (m := _BLOCK_LAYER.match(name)) and m.group(1) in TOKEN_LINEARS
-    }  # fmt: skip
+    """The recipe's linear layers of `model` (a RuyiTransformer3D), by module path (calib.recipe: the layers
+    `ruyi-trt calibrate` quantizes)."""
+    return dict(quantized_linears(model))
 
 
-def _selected(model: nn.Module, scales: CalibratedScales | None) -> dict[str, nn.Linear]:
+def _selected(model: nn.Module, scales: Scales | None) -> dict[str, nn.Linear]:
     if scales is None:
         return token_linears(model)
     modules = dict(model.named_modules())
@@ -189,10 +121,11 @@ def restore_modules(model: nn.Module, originals: dict[str, nn.Module]) -> None:
 
 
 def use_fp8_compute(
-    model: nn.Module, scales: CalibratedScales | None = None, device: torch.device | str | None = None
+    model: nn.Module, scales: Scales | None = None, device: torch.device | str | None = None
 ) -> dict[str, nn.Module]:
-    """Swap the selected linears for `FP8Linear`s (calibrated: the file's layers, per-tensor scales; else dynamic
-    per-token activations with per-channel weights). `device`: where the GEMMs will run (default: where the weights
+    """Swap the selected linears for `FP8Linear`s (calibrated: the file's layers with its static activation scales
+    and its weight granularity, per channel or per tensor, recomputed from these weights by the format's rule so a
+    merged LoRA is covered; else dynamic per-token activations with per-channel weights). `device`: where the GEMMs will run (default: where the weights
     are). Returns the replaced modules."""
     if scales is not None and scales.precision != "fp8":
         raise ValueError(f"{scales.path} holds {scales.precision} scales; --compute fp8 needs an fp8 calibration "
@@ -203,7 +136,8 @@ def use_fp8_compute(
             continue
         layer_scales = scales.layers[name] if scales is not None else None
         input_scale = layer_scales.input_scale if layer_scales is not None else None
-        replacements[name] = FP8Linear(layer, input_scale, per_channel=layer_scales is None)
+        per_channel = layer_scales is None or layer_scales.per_channel  # as calibrated (the weights' own amax per row)
+        replacements[name] = FP8Linear(layer, input_scale, per_channel=per_channel)
     log.info("fp8 compute: %d linear layers (%s scales)", len(replacements), "calibrated" if scales else "dynamic")
     return _replace(model, replacements)
 
@@ -223,7 +157,7 @@ def _torchao():
 
 
 def use_int8_compute(
-    model: nn.Module, scales: CalibratedScales | None = None, device: torch.device | str | None = None
+    model: nn.Module, scales: Scales | None = None, device: torch.device | str | None = None
 ) -> dict[str, nn.Module]:
     """Swap the selected linears for torchao int8 linears (calibrated: SmoothQuant + static per-tensor activation
     scales, per-channel weights; else dynamic per-token activations). Returns the replaced modules."""
@@ -258,7 +192,7 @@ def use_int8_compute(
 
 
 def use_8bit_compute(
-    model: nn.Module, compute: str, scales: CalibratedScales | None = None, device: torch.device | str | None = None
+    model: nn.Module, compute: str, scales: Scales | None = None, device: torch.device | str | None = None
 ) -> dict[str, nn.Module]:
     """`compute` "none" (nothing), "fp8" or "int8" on `model` for GEMMs on `device`; returns the replaced modules."""
     if compute not in COMPUTE_MODES:

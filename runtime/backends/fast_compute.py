@@ -22,17 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...calib.scales import Scales, ScalesError, read_scales, scales_file
 from ...kernels.triton_support import fp8_supported, interpreting, kernel_unavailable_reason
 from ...models.transformer_blocks import AdaLayerNormShift, Attention, AttentionFn, GELUProjection, sdpa
-from ...weights.compute8 import (
-    COMPUTE_MODES,
-    CalibratedScales,
-    ScalesError,
-    read_scales_file,
-    restore_modules,
-    scales_file,
-    use_8bit_compute,
-)
+from ...weights.compute8 import COMPUTE_MODES, restore_modules, use_8bit_compute
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +130,11 @@ def _use_fused_kernels(model: nn.Module) -> list[nn.Module]:
     return patched
 
 
-def resolve_scales(settings: FastCompute, checkpoint_hash: str | None) -> CalibratedScales | None:
-    """Read the scales file of `settings` and refuse one made for another checkpoint."""
+def resolve_scales(settings: FastCompute, checkpoint_hash: str | None) -> Scales | None:
+    """Read the scales file of `settings` (calib.scales.read_scales), refusing one made for another checkpoint."""
     if settings.scales is None:
         return None
-    scales = read_scales_file(settings.scales)
-    if checkpoint_hash and scales.checkpoint_hash and scales.checkpoint_hash != checkpoint_hash:
-        raise ScalesError(f"{scales.path} was calibrated for another checkpoint ({scales.checkpoint_hash[:19]}..., "
-                         f"this one is {checkpoint_hash[:19]}...); re-run ruyi-trt calibrate for this model.")  # fmt: skip
-    return scales
+    return read_scales(settings.scales, checkpoint_hash or None)
 
 
 def apply_fast_compute(

@@ -13,6 +13,9 @@ the graph's profile shapes (`ort_components(..., trt_profiles=..., trt_cache_dir
 loads): without them it would rebuild every engine, the 14 GB transformer included, on every run, for
 whatever shapes the first call has.
 
+`ort-int8` / `ort-fp8`: the same, with the transformer graph replaced by its Q/DQ version (export/qdq.py) made from
+a calibration folder (calib/); FP8 sessions run with ORT's QDQ fusion off (it has no float8 MatMul kernel).
+
 Limits: fp32 and fp16 only (ORT's Python API has no bfloat16 arrays), slice-mode VAEs only, and at least
 two latent frames for the transformer (one-frame requests need --backend torch).
 """
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ...deps import require
+from ...export.qdq import ORT_FP8_SESSION_CONFIG
 from ...models.checkpoint import Checkpoint
 from ...models.vae import decode_in_chunks, encode_in_chunks
 from .protocol import CallableBackend, Components
@@ -76,10 +80,12 @@ def check_onnxruntime_version(version: str) -> None:
 class OrtGraph:
     """One inference session: named tensors in (cast to the graph's input dtypes), a list of tensors out."""
 
-    def __init__(self, path: Path, device: torch.device, providers: list | None = None):
+    def __init__(self, path: Path, device: torch.device, providers: list | None = None, config: dict | None = None):
         ort = require("onnxruntime", "the ONNX Runtime backend")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT warns about every provider it skips
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers(device))
         self.device = device
         self.input_types = {i.name: _TORCH_TYPES[i.type] for i in self.session.get_inputs()}
@@ -120,11 +126,21 @@ class OrtGraph:
         return [torch.from_dlpack(value) for value in binding.get_outputs()]
 
 
+def quantized_transformer(checkpoint: Checkpoint, graph: Path, precision: str, calibration: Path) -> Path:
+    """The Q/DQ version of the transformer graph `graph` from the scales in the calibration folder `calibration`."""
+    from ...calib.store import load_calibration
+    from ...export.qdq import ensure_qdq_graph
+
+    scales, record = load_calibration(calibration, precision, checkpoint.weights_hash("transformer"))
+    return ensure_qdq_graph(graph, scales.layers, record["scales_sha256"], precision)
+
+
 def ort_components(checkpoint: Checkpoint | str | Path, device: torch.device | str = "cpu", dtype: str = "fp32",
                    providers: list | None = None, progress: bool = True, trt_profiles: dict[str, Profile] | None = None,
-                   trt_cache_dir: Path | None = None) -> Components:  # fmt: skip
+                   trt_cache_dir: Path | None = None, quantized: tuple[str, Path] | None = None) -> Components:  # fmt: skip
     """ORT backends for the checkpoint's graphs (exported into the artifact cache when missing). `trt_profiles`
-    ({graph: profile}) with `trt_cache_dir` lets those graphs use the TensorRT EP (see the module docstring)."""
+    ({graph: profile}) with `trt_cache_dir` lets those graphs use the TensorRT EP (see the module docstring);
+    `quantized` (precision, calibration folder) runs the transformer as its fp8/int8 Q/DQ graph."""
     from ...export import manifest
     from ...export.onnx_export import ExportSettings, ensure_exported
 
@@ -141,7 +157,13 @@ def ort_components(checkpoint: Checkpoint | str | Path, device: torch.device | s
         chosen = providers or default_providers(device, (trt_profiles or {}).get(name), trt_cache_dir, dtype == "fp16")
         return OrtGraph(manifest.graph_path(out, listing, name), device, chosen)
 
-    clip, encoder, transformer = graph("image_encoder"), graph("vae_encoder"), graph("transformer")
+    clip, encoder = graph("image_encoder"), graph("vae_encoder")
+    if quantized is None:
+        transformer = graph("transformer")
+    else:
+        precision, calibration = quantized
+        path = quantized_transformer(checkpoint, manifest.graph_path(out, listing, "transformer"), precision, Path(calibration))
+        transformer = OrtGraph(path, device, providers, ORT_FP8_SESSION_CONFIG if precision == "fp8" else None)
     decoder, one_frame = graph("vae_decoder"), graph("vae_decoder_one_frame")
 
     def encode_video(video: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,10 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--frames", "9:5:3"], "MIN <= OPT <= MAX"),
         (["--frames", "8:12:16"], "not a multiple of 8"),
-        (["--precision", "fp8"], "FP8 engines need calibrated graphs with explicit Q/DQ"),
+        (["--precision", "fp8", "--per-block"], "the Q/DQ transformer is one whole graph"),
+        (["--precision", "fp32"], "not supported with --engine tensorrt"),
+        (["--engine", "aoti", "--precision", "fp8"], "not supported with --engine aoti"),
+        (["--engine", "aoti", "--precision", "fp32", "--refit"], "are TensorRT options"),
         (["--resolution", "650"], "650 is not a base resolution; use 384..1024 in steps of 16"),
         (["--resolution", "512,1000x1000x3"], "is unknown"),
         (["--workspace", "-1"], "--workspace"),

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
+from ruyi_trt.calib.scales import SCALES_NAME, LayerScales, Scales, write_scales
 from ruyi_trt.cli import main
 from ruyi_trt.models.checkpoint import Checkpoint
 from ruyi_trt.models.presets import tiny_transformer
@@ -55,15 +55,13 @@ def test_kernels_in_the_block_runner(settings, cosine):
 
 
 def _scales_file(folder: Path, checkpoint_hash: str) -> Path:
-    """An fp8 scales file in ruyi-trt-scales/1 for every token linear of the tiny model (weights' own amax; a
-    fixed activation range of +-8)."""
-    tensors = {}
-    for name, layer in token_linears(tiny_transformer()).items():
-        tensors[f"{name}.input_scale"] = torch.tensor(8.0 / 448.0)
-        tensors[f"{name}.weight_scale"] = (layer.weight.detach().abs().amax() / 448.0).reshape(())
-    folder.mkdir()
-    save_file(tensors, str(folder / "scales.safetensors"),
-              metadata={"format": "ruyi-trt-scales/1", "precision": "fp8", "checkpoint_hash": checkpoint_hash})
+    """An fp8 scales file (calib.scales.write_scales, ruyi-trt-scales/1) for every token linear of the tiny model
+    (weights' own amax per output channel; a fixed activation range of +-8)."""
+    layers = {
+        name: LayerScales(torch.tensor(8.0 / 448.0), layer.weight.detach().abs().amax(dim=1) / 448.0)
+        for name, layer in token_linears(tiny_transformer()).items()
+    }
+    write_scales(folder / SCALES_NAME, Scales("fp8", layers, checkpoint_hash))
     return folder
 
 

@@ -119,7 +119,7 @@ def test_parse_shapes():
 
 def test_compiled_blocks_restore_the_model_on_close():
     model = tiny_transformer()
-    wrapped = wrap_denoiser(FAST_PATHS["torch-compile"], BlockRunner(model, "cpu", torch.float32), "cpu", torch.float32)
+    wrapped = wrap_denoiser(FAST_PATHS["torch-compile-max"], BlockRunner(model, "cpu", torch.float32), "cpu", torch.float32)
     assert isinstance(wrapped, CompiledBlocks)
     assert all("forward" in vars(block) for block in model.blocks)  # compiled lazily, on the first call
     wrapped.close()

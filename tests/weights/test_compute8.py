@@ -3,6 +3,7 @@ torchao, dynamic or with a `ruyi-trt-scales/1` file; fp32 CPU references, tolera
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ruyi_trt.calib.quantize import calibrate_module
+from ruyi_trt.calib.scales import ScalesError, read_scales
+from ruyi_trt.calib.scales import write_scales as calib_write_scales
 from ruyi_trt.models.presets import tiny_transformer
 from ruyi_trt.models.vae_config import VAEConfig
 from ruyi_trt.tools.bench_models import Shape, denoiser_inputs
 from ruyi_trt.weights.compute8 import (
     FP8Linear,
-    ScalesError,
-    read_scales_file,
     restore_modules,
     token_linears,
     use_8bit_compute,
@@ -25,6 +27,7 @@ from ruyi_trt.weights.compute8 import (
 )
 
 pytest.importorskip("torchao", reason="--compute int8 needs torchao")
+pytest.importorskip("modelopt", reason="calibrated scales come from ModelOpt (pip install 'ruyi-trt[calib]')")
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,40 +45,11 @@ def tiny_case():
     return model, inputs, reference
 
 
-def write_scales(model: nn.Module, inputs: dict, precision: str, path: Path, alpha: float = 0.5) -> Path:
-    """A scales file in the calibration format, from the activation amax of one forward pass (max calibration;
-    SmoothQuant factors for int8)."""
-    layers = token_linears(model)
-    amax: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(_module, args):
-            per_channel = args[0].detach().abs().flatten(0, -2).amax(dim=0)
-            amax[name] = per_channel if name not in amax else torch.maximum(amax[name], per_channel)
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    with torch.inference_mode():
-        model(**inputs)
-    for handle in handles:
-        handle.remove()
-    qmax = 448.0 if precision == "fp8" else 127.0
-    tensors = {}
-    for name, layer in layers.items():
-        weight, x_amax = layer.weight.detach().float(), amax[name].clamp(min=1e-5)
-        smooth = torch.ones_like(x_amax)
-        if precision == "int8":
-            smooth = (x_amax**alpha / weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-            smooth = 1.0 / smooth  # x_s = x * s shrinks the large channels
-            tensors[f"{name}.smooth"] = smooth
-        weight_s = weight / smooth[None, :]
-        tensors[f"{name}.input_scale"] = ((x_amax * smooth).amax() / qmax).reshape(())
-        w_amax = weight_s.abs().amax(dim=1) if precision == "int8" else weight_s.abs().amax()
-        tensors[f"{name}.weight_scale"] = w_amax / qmax
-    metadata = {"format": "ruyi-trt-scales/1", "precision": precision, "qmax": str(qmax),
-                "weight_axis": "0" if precision == "int8" else "none", "checkpoint_hash": "sha256:test"}  # fmt: skip
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
+def write_scales(model: nn.Module, inputs: dict, precision: str, path: Path) -> Path:
+    """A scales file made the way `ruyi-trt calibrate` makes it: ModelOpt's calibration (calib.quantize) of a copy of
+    `model` over one forward pass, written by calib.scales.write_scales."""
+    scales = calibrate_module(copy.deepcopy(model), lambda m: m(**inputs), precision, "sha256:test")
+    return calib_write_scales(path, scales)
 
 
 def test_fp8_linear_dynamic_and_static_match_fp32():
@@ -127,7 +101,7 @@ def test_dynamic_compute_on_the_tiny_transformer(tiny_case, compute):
 def test_calibrated_compute_reads_the_scales_file(tiny_case, tmp_path, precision, cosine):
     model, inputs, reference = tiny_case
     write_scales(model, inputs, precision, tmp_path / "scales.safetensors")
-    scales = read_scales_file(tmp_path)  # the folder works too
+    scales = read_scales(tmp_path)  # the folder works too
     assert scales.precision == precision and len(scales.layers) == 45 and scales.checkpoint_hash == "sha256:test"
     originals = use_8bit_compute(model, precision, scales)
     try:
@@ -135,7 +109,8 @@ def test_calibrated_compute_reads_the_scales_file(tiny_case, tmp_path, precision
             out = model(**inputs)[0]
         if precision == "fp8":
             layer = model.get_submodule("blocks.0.attn1.to_q")
-            assert isinstance(layer, FP8Linear) and layer.input_scale is not None and layer.weight_scale.ndim == 0
+            assert isinstance(layer, FP8Linear) and layer.input_scale is not None
+            assert layer.weight_scale.shape == scales.layers["blocks.0.attn1.to_q"].weight_scale.shape  # per channel
     finally:
         restore_modules(model, originals)
     assert _cosine(out, reference) >= cosine
@@ -152,20 +127,20 @@ def test_cuda_gemm_rule_skips_layers_not_multiple_of_16(tiny_case):
 def test_bad_scales_files_are_refused(tiny_case, tmp_path):
     model, inputs, _ = tiny_case
     with pytest.raises(ScalesError, match="ruyi-trt calibrate"):
-        read_scales_file(tmp_path / "missing")
+        read_scales(tmp_path / "missing")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ScalesError, match="not a readable"):
-        read_scales_file(tmp_path / "junk.safetensors")
+        read_scales(tmp_path / "junk.safetensors")
     save_file({"x.input_scale": torch.ones(())}, str(tmp_path / "other.safetensors"), metadata={"format": "other/1"})
     with pytest.raises(ScalesError, match="format"):
-        read_scales_file(tmp_path / "other.safetensors")
-    int8 = read_scales_file(write_scales(model, inputs, "int8", tmp_path / "int8.safetensors"))
+        read_scales(tmp_path / "other.safetensors")
+    int8 = read_scales(write_scales(model, inputs, "int8", tmp_path / "int8.safetensors"))
     with pytest.raises(ValueError, match="needs an fp8 calibration"):
         use_8bit_compute(model, "fp8", int8)
     save_file({"blocks.99.attn1.to_q.input_scale": torch.ones(()), "blocks.99.attn1.to_q.weight_scale": torch.ones(())},
               str(tmp_path / "alien.safetensors"), metadata={"format": "ruyi-trt-scales/1", "precision": "fp8"})
     with pytest.raises(ScalesError, match="another architecture"):
-        use_8bit_compute(model, "fp8", read_scales_file(tmp_path / "alien.safetensors"))
+        use_8bit_compute(model, "fp8", read_scales(tmp_path / "alien.safetensors"))
 
 
 @pytest.mark.gpu
