@@ -9,6 +9,7 @@ so it also works without the weights (`ruyi-trt run --plan-only`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +50,9 @@ class RuntimeOptions:
     (long-skip activations moved to the host in groups of k; None: 0, or the planner's choice in auto).
     vram_budget_gb caps what the plan may use (GiB; default: the GPU's free memory).
     enhance_a_video is Enhance-A-Video's weight (None: off; torch backend only): every block's self-attention
-    output is scaled by a temporal score on every step (the reference's defaults, no skipped steps;
-    `runtime.block_runner.EnhanceAVideoSettings`).
+    output is scaled by a temporal score (`runtime.block_runner.EnhanceAVideoSettings`).
+    teacache_skip_steps / enhance_a_video_skip_steps: (first, last) denoiser calls that TeaCache always computes
+    (the reference's defaults 3 and 1, each at least 1) / that Enhance-A-Video leaves alone (defaults 0 and 0).
     """
 
     backend: str = "torch"
@@ -65,6 +67,8 @@ class RuntimeOptions:
     lora_strength: float = 1.0
     vram_budget_gb: float | None = None
     enhance_a_video: float | None = None
+    teacache_skip_steps: tuple[int, int] = (3, 1)
+    enhance_a_video_skip_steps: tuple[int, int] = (0, 0)
 
     @classmethod
     def make(
@@ -81,6 +85,8 @@ class RuntimeOptions:
         enhance_a_video: float | None = None,
         lora: str | Path | None = None,
         lora_strength: float = 1.0,
+        teacache_skip_steps: tuple[int, int] = (3, 1),
+        enhance_a_video_skip_steps: tuple[int, int] = (0, 0),
     ) -> RuntimeOptions:
         """Validated options from `RuyiPipeline.from_pretrained`'s keywords: device defaults to cuda when a GPU is
         visible (else cpu), dtype to `default_dtype(device, backend)`."""
@@ -89,7 +95,8 @@ class RuntimeOptions:
             backend=backend, device=device, dtype=dtype or default_dtype(device, backend), memory_mode=memory_mode,
             offload_steps=offload_steps, fp8=fp8, fp8_storage=fp8_storage, teacache_threshold=teacache,
             lora=str(lora) if lora is not None else None, lora_strength=lora_strength, vram_budget_gb=vram_budget,
-            enhance_a_video=enhance_a_video,
+            enhance_a_video=enhance_a_video, teacache_skip_steps=tuple(teacache_skip_steps),
+            enhance_a_video_skip_steps=tuple(enhance_a_video_skip_steps),
         )  # fmt: skip
         options.validate()
         return options
@@ -114,6 +121,10 @@ class RuntimeOptions:
         if self.enhance_a_video is not None and self.backend != "torch":
             raise ValueError(f"backend {self.backend}: ['enhance_a_video'] only applies to the torch backend; drop it or "
                              "use --backend torch.")
+        for name, low in (("teacache_skip_steps", 1), ("enhance_a_video_skip_steps", 0)):
+            skips = getattr(self, name)
+            if len(skips) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < low for k in skips):
+                raise ValueError(f"{name}: {skips!r} must be two whole numbers >= {low} (first, last).")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
             raise ValueError(f"vram_budget_gb: {self.vram_budget_gb} must be positive (GiB).")
         if self.backend == "ort" and self.dtype == "bf16":
@@ -179,7 +190,7 @@ def memory_plan(
     if budget is None and options.memory_mode == "auto":
         if plan_only:
             raise ValueError("no CUDA GPU is present to plan for: pass --vram-budget GB (e.g. 24) to plan for a card.")
-        log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
+        log.info("no CUDA GPU and no VRAM budget: running without a memory plan, in host memory")
         return None
     request = PlanRequest(
         height=height, width=width, frames=frames, cfg=cfg, dtype=options.dtype, fp8=options.fp8,
@@ -189,19 +200,62 @@ def memory_plan(
     return plan_memory(checkpoint.transformer, checkpoint.vae, ClipSpec.from_config(checkpoint.image_encoder), request)
 
 
-def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: MemoryPlan | None = None) -> Components:
-    """Load the checkpoint's four components for `options.backend`, following `plan` (torch and TensorRT)."""
+def teacache_settings(options: RuntimeOptions) -> TeaCacheSettings | None:
+    """The block runner's TeaCache settings for `options` (None: off)."""
+    if not options.teacache_threshold:
+        return None
+    start, end = options.teacache_skip_steps
+    return TeaCacheSettings(threshold=options.teacache_threshold, skip_start_steps=start, skip_end_steps=end)
+
+
+def enhance_a_video_settings(options: RuntimeOptions) -> EnhanceAVideoSettings | None:
+    """The block runner's Enhance-A-Video settings for `options` (None: off)."""
+    if options.enhance_a_video is None:
+        return None
+    start, end = options.enhance_a_video_skip_steps
+    return EnhanceAVideoSettings(weight=options.enhance_a_video, skip_start_steps=start, skip_end_steps=end)
+
+
+def load_steps(options: RuntimeOptions) -> int:
+    """How many steps `load_components` reports through `progress`: on the torch backend one per model
+    (transformer, VAE, CLIP) and per weight edit (LoRA, FP8); one for ort and trt."""
+    if options.backend != "torch":
+        return 1
+    return 3 + bool(options.lora) + (options.fp8 != "none")
+
+
+def load_components(
+    checkpoint: Checkpoint,
+    options: RuntimeOptions,
+    plan: MemoryPlan | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Components:
+    """Load the checkpoint's four components for `options.backend`, following `plan` (torch and TensorRT).
+
+    `progress(done, total)` is called after each of the `load_steps(options)` steps; it may raise to stop."""
     options.validate()
+    total, done = load_steps(options), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     if options.backend == "ort":
         from .backends.ort_backend import ort_components
 
-        return ort_components(checkpoint, options.device, options.dtype)  # ONNX Runtime places its own memory
+        components = ort_components(checkpoint, options.device, options.dtype)  # ONNX Runtime places its own memory
+        step()
+        return components
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
         budget = plan.trt_weight_streaming_budget_bytes if plan is not None else None
         lora = (options.lora, options.lora_strength) if options.lora else None
-        return trt_components(checkpoint, options.dtype, budget, False, lora)
+        components = trt_components(checkpoint, options.dtype, budget, False, lora)
+        step()
+        return components
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     settings = run_settings(options, checkpoint.transformer.num_layers, plan)
     # Models are loaded to the host first whenever something stays there between uses.
@@ -209,14 +263,19 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     load_device = device if (device.type == "cuda" and all_resident) else torch.device("cpu")
     log.info("loading %s (%s) on %s", checkpoint.name, options.dtype, load_device)
     transformer = checkpoint.load_transformer(dtype, load_device)
+    step()
     vae = checkpoint.load_vae(dtype, load_device)
+    step()
     image_encoder = checkpoint.load_image_encoder(dtype, load_device)
+    step()
     if options.lora:
         merged = merge_lora(transformer, load_lora(options.lora), options.lora_strength)
         log.info("LoRA %s merged into %d layers (strength %s)", options.lora, len(merged), options.lora_strength)
+        step()
     if options.fp8 != "none":
         count = store_weights_fp8(transformer, options.fp8, transformer.config.hidden_size, options.fp8_storage)
         log.info("FP8 (%s, %s): %d transformer layers stored in fp8", options.fp8, options.fp8_storage, count)
+        step()
     offload_models = settings.offload_models and device.type == "cuda"
     denoiser = BlockRunner(
         transformer,
@@ -226,10 +285,8 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
         skip_offload_group=settings.skip_offload_group,
         cfg_split=settings.cfg_split,
         offload_between_runs=offload_models,
-        teacache=TeaCacheSettings(threshold=options.teacache_threshold) if options.teacache_threshold else None,
-        enhance_a_video=(
-            EnhanceAVideoSettings(weight=options.enhance_a_video) if options.enhance_a_video is not None else None
-        ),
+        teacache=teacache_settings(options),
+        enhance_a_video=enhance_a_video_settings(options),
     )
     return torch_components(
         transformer, vae, image_encoder, device=device, dtype=dtype, offload_models=offload_models, denoiser=denoiser
