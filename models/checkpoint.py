@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,18 +47,30 @@ def missing_parts(folder: Path) -> list[str]:
     return [name for name in REQUIRED if not (folder / name).exists()]
 
 
-def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
-    """Download (or resume) the released checkpoint into `folder`, with huggingface_hub's progress bars."""
+def download_checkpoint(
+    folder: Path, repo_id: str = REPO_ID, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Download (or resume) the released checkpoint into `folder`: with huggingface_hub's progress bars, or with
+    `progress(bytes_done, bytes_total)` about every half second, which may raise to stop it (`models.download`)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HTTPError,  # its HTTP library's errors: requests' (< 1.0) or httpx's (offline)
+        LocalEntryNotFoundError,
+    )
 
     log.info("downloading %s (about 17 GB) into %s", repo_id, folder)
     try:
-        snapshot_download(repo_id=repo_id, local_dir=str(folder))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        if progress is None:
+            snapshot_download(repo_id=repo_id, local_dir=str(folder))
+        else:
+            from .download import download_repo
+
+            download_repo(repo_id, folder, progress)
+    except (LocalEntryNotFoundError, HfHubHTTPError, HTTPError, OSError) as exc:
         raise CheckpointError(
             f"could not download {repo_id} into {folder} ({exc}). If this machine is offline, download it "
-            f"elsewhere with `huggingface-cli download {repo_id} --local-dir Ruyi-Mini-7B`, copy the folder here "
+            f"elsewhere with `hf download {repo_id} --local-dir Ruyi-Mini-7B`, copy the folder here "
             "and pass --model PATH (or use --model tiny to try the pipeline with a small random model)."
         ) from exc
     return folder
@@ -128,7 +141,7 @@ class Checkpoint:
         if absent:
             raise CheckpointError(
                 f"{folder} is not a complete Ruyi checkpoint: missing {', '.join(absent)}. "
-                f"Download it again (huggingface-cli download {REPO_ID} --local-dir {folder})."
+                f"Download it again (`hf download {REPO_ID} --local-dir {folder}`)."
             )
         processor_path = folder / "image_encoder" / PREPROCESSOR_NAME
         if not processor_path.is_file():
