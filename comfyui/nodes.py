@@ -53,10 +53,23 @@ def pipelines() -> PipelineCache:
     return PipelineCache()
 
 
-def _with_options(pipeline: PipelineSpec, **changes: object) -> tuple[PipelineSpec]:
-    options = replace(pipeline.options, **changes)
-    options.validate()
-    return (replace(pipeline, options=options),)
+def _skip_steps(start: int, end: int, low: int, what: str) -> dict[str, tuple]:
+    return {"skip_start_steps": _number("INT", start, low, 200, 1, f"The first n steps are {what}."),
+            "skip_end_steps": _number("INT", end, low, 200, 1, f"The last n steps are {what}.")}  # fmt: skip
+
+
+class _PipelineEdit:
+    """A node that takes a pipeline and returns it with some of its options changed (`edit`)."""
+
+    RETURN_TYPES = (PIPELINE,)
+    RETURN_NAMES = ("pipeline",)
+    CATEGORY = CATEGORY
+
+    @staticmethod
+    def edit(pipeline: PipelineSpec, **changes: object) -> tuple[PipelineSpec]:
+        options = replace(pipeline.options, **changes)
+        options.validate()
+        return (replace(pipeline, options=options),)
 
 
 class RuyiTRTLoadModel:
@@ -100,12 +113,9 @@ class RuyiTRTLoadModel:
         return (PipelineSpec(host.model_folder(model, unique_id), options),)
 
 
-class RuyiTRTLoadLora:
+class RuyiTRTLoadLora(_PipelineEdit):
     DISPLAY_NAME = "Ruyi-TRT Load LoRA"
-    RETURN_TYPES = (PIPELINE,)
-    RETURN_NAMES = ("pipeline",)
     FUNCTION = "load_lora"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
@@ -122,15 +132,12 @@ class RuyiTRTLoadLora:
         if pipeline.options.lora is not None:
             raise ValueError(f"lora: the pipeline already has the LoRA {pipeline.options.lora}; one LoRA per "
                              "pipeline (merge them into one file, or remove one Load LoRA node).")  # fmt: skip
-        return _with_options(pipeline, lora=host.lora_path(lora), lora_strength=strength)
+        return self.edit(pipeline, lora=host.lora_path(lora), lora_strength=strength)
 
 
-class RuyiTRTTeaCache:
+class RuyiTRTTeaCache(_PipelineEdit):
     DISPLAY_NAME = "Ruyi-TRT TeaCache"
-    RETURN_TYPES = (PIPELINE,)
-    RETURN_NAMES = ("pipeline",)
     FUNCTION = "tea_cache"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
@@ -139,24 +146,20 @@ class RuyiTRTTeaCache:
                 "pipeline": (PIPELINE,),
                 "enable": _toggle("Reuse the transformer's last output on steps whose input barely changed."),
                 "threshold": _number("FLOAT", 0.10, 0.01, 1.0, 0.01, "0.10 skips about 6-8 of 25 steps, 0.15 about 10-12."),
-                "skip_start_steps": _number("INT", 3, 1, 200, 1, "The first n steps are always computed."),
-                "skip_end_steps": _number("INT", 1, 1, 200, 1, "The last n steps are always computed."),
+                **_skip_steps(3, 1, 1, "always computed"),
             }
         }  # fmt: skip
 
     @node_errors
     def tea_cache(self, pipeline: PipelineSpec, enable: bool, threshold: float, skip_start_steps: int,
                   skip_end_steps: int) -> tuple[PipelineSpec]:  # fmt: skip
-        return _with_options(pipeline, teacache_threshold=threshold if enable else None,
-                             teacache_skip_steps=(skip_start_steps, skip_end_steps))  # fmt: skip
+        return self.edit(pipeline, teacache_threshold=threshold if enable else None,
+                         teacache_skip_steps=(skip_start_steps, skip_end_steps))  # fmt: skip
 
 
-class RuyiTRTEnhanceAVideo:
+class RuyiTRTEnhanceAVideo(_PipelineEdit):
     DISPLAY_NAME = "Ruyi-TRT Enhance-A-Video"
-    RETURN_TYPES = (PIPELINE,)
-    RETURN_NAMES = ("pipeline",)
     FUNCTION = "enhance_a_video"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
@@ -165,16 +168,15 @@ class RuyiTRTEnhanceAVideo:
                 "pipeline": (PIPELINE,),
                 "enable": _toggle("Scale self-attention by a temporal score: more consistent motion (torch backend)."),
                 "weight": _number("FLOAT", 1.0, 0.0, 100.0, 0.01, "Below 5-10 looks best (below 5 for short videos)."),
-                "skip_start_steps": _number("INT", 0, 0, 200, 1, "The first n steps are not enhanced."),
-                "skip_end_steps": _number("INT", 0, 0, 200, 1, "The last n steps are not enhanced."),
+                **_skip_steps(0, 0, 0, "not enhanced"),
             }
         }  # fmt: skip
 
     @node_errors
     def enhance_a_video(self, pipeline: PipelineSpec, enable: bool, weight: float, skip_start_steps: int,
                         skip_end_steps: int) -> tuple[PipelineSpec]:  # fmt: skip
-        return _with_options(pipeline, enhance_a_video=weight if enable else None,
-                             enhance_a_video_skip_steps=(skip_start_steps, skip_end_steps))  # fmt: skip
+        return self.edit(pipeline, enhance_a_video=weight if enable else None,
+                         enhance_a_video_skip_steps=(skip_start_steps, skip_end_steps))  # fmt: skip
 
 
 class RuyiTRTSampler:

@@ -5,7 +5,9 @@
 #    another custom node would have installed them;
 # 2. this checkout installed into it as a ComfyUI user installs a custom node (`pip install -e .`), failing if that
 #    changes any of those four (the pip output is kept in .venv-comfyui/ruyi-install.log);
-# 3. the tests, which start ComfyUI on 127.0.0.1 with this checkout in custom_nodes/.
+# 3. the tests, which start ComfyUI on 127.0.0.1 with this checkout in custom_nodes/, and the preprocessing goldens
+#    (tests/runtime/test_conditioning.py): ComfyUI's environment has torchvision, which changes what transformers'
+#    image processors do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared="${RUYI_SHARED:-../shared}"
@@ -24,4 +26,5 @@ if [ "$before" != "$after" ]; then
   echo "installing ruyi-trt changed the shared environment:"; diff <(echo "$before") <(echo "$after") || true; exit 1
 fi
 echo "installing ruyi-trt left these as they were:" $after "(${SECONDS} s so far)"
-RUYI_COMFYUI_TEST=1 RUYI_COMFYUI_SRC="$shared/comfyui/src" "$py" -m pytest -q tests/comfyui/test_real_comfyui.py "$@"
+RUYI_COMFYUI_TEST=1 RUYI_COMFYUI_SRC="$shared/comfyui/src" "$py" -m pytest -q tests/comfyui/test_real_comfyui.py \
+  tests/runtime/test_conditioning.py "$@"
