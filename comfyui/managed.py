@@ -70,12 +70,17 @@ class ManagedPipeline:
         return 0
 
     def detach(self, unpatch_all: bool = True) -> None:
+        """ComfyUI freeing memory (`unpatch_all`) unloads the pipeline; re-listing it (load_models_gpu detaches the
+        entry it replaces without unpatching, as for a ModelPatcher) keeps it loaded."""
+        if not unpatch_all:
+            return
         if self.model.is_loaded:
             log.info("Ruyi-TRT: ComfyUI freed memory, the pipeline is unloaded (it loads again on the next sample)")
         self.model.unload()
 
     def is_clone(self, other: object) -> bool:
-        return False
+        """Only itself: load_models_gpu then replaces its own entry instead of listing it twice."""
+        return other is self
 
 
 _managed: list[ManagedPipeline] = []  # the one for the cached pipeline; keeps it alive while ComfyUI lists it

@@ -25,6 +25,7 @@ from ruyi_trt.runtime.stats import RunStats
 from ruyi_trt.testing import gradient_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+COMFYUI_SRC = REPO_ROOT.parent / "shared" / "comfyui" / "src"
 SAMPLE_ARGS = {"video_length": 8, "base_resolution": "512", "seed": 1, "steps": 2, "cfg": 7.0, "scheduler": "DDIM",
                "motion": "2", "camera": "static", "height": 64, "width": 96}  # fmt: skip
 
@@ -178,6 +179,29 @@ def test_comfyui_freeing_memory_unloads_the_pipeline(tiny_dir: Path, comfy) -> N
     assert not pipe.is_loaded and model.loaded_size() == 0
     nodes.RuyiTRTSampler().sample(spec, comfy_images(gradient_image(90, 60)), **SAMPLE_ARGS)
     assert pipe.is_loaded and comfy.loaded[-1][0] is model  # loaded again for the next sample, listed again
+
+
+def test_comfyui_model_management_lists_once_and_unloads(tiny_dir: Path, tmp_path: Path) -> None:
+    """Against ComfyUI's own comfy.model_management (from ../shared/comfyui/src, on the CPU): samples list the
+    pipeline once however often they claim it, "Unload Models" unloads it, and the next claim lists it again."""
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(COMFYUI_SRC)!r})\n"
+        "from comfy.cli_args import args\n"
+        "args.cpu = True\n"
+        "import comfy.model_management as mm\n"
+        "from ruyi_trt import RuyiPipeline\n"
+        "from ruyi_trt.comfyui.managed import claim_memory\n"
+        f"pipe = RuyiPipeline.from_pretrained({str(tiny_dir)!r}, device='cpu')\n"
+        "claim_memory(pipe); claim_memory(pipe)\n"
+        "seen = [len(mm.current_loaded_models), pipe.is_loaded]\n"
+        "mm.unload_all_models()\n"
+        "seen += [len(mm.current_loaded_models), pipe.is_loaded]\n"
+        "claim_memory(pipe); pipe.load(); mm.cleanup_models_gc()\n"
+        "seen += [len(mm.current_loaded_models), pipe.is_loaded, mm.loaded_models()[0] is not None]\n"
+        "print(json.dumps(seen))\n"
+    )
+    assert run_python(code, tmp_path) == [1, True, 0, False, 1, True, True]
 
 
 def test_tea_cache_and_enhance_a_video_nodes_set_options(tiny_dir: Path) -> None:

@@ -119,12 +119,15 @@ class Comfy:
                     await react(job, post)
             return job
 
-    def wait_for_log(self, text: str, timeout: float = LOG_SECONDS) -> None:
+    def wait_for_log(self, text: str, timeout: float = LOG_SECONDS, repost: tuple[str, dict] | None = None) -> None:
+        """Wait until `text` is in the server log, posting `repost` (path, data) every 2 s meanwhile."""
         deadline = time.monotonic() + timeout
         while text not in self.log.read_text(errors="replace"):
             if time.monotonic() > deadline:
                 pytest.fail(f"{text!r} not in the server log within {timeout} s:\n{self.log_tail()}")
-            time.sleep(0.5)
+            if repost is not None:
+                self.post(*repost)
+            time.sleep(2)
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -235,8 +238,9 @@ def test_start_and_end_image_video(comfy: Comfy) -> None:
 
 
 def test_free_memory_unloads_then_cancel_during_vae_encode(comfy: Comfy) -> None:
-    comfy.post("/free", {"unload_models": True})
-    comfy.wait_for_log("Ruyi-TRT: ComfyUI freed memory, the pipeline is unloaded")
+    # ComfyUI's worker reads /free's flag when it starts waiting for a prompt, or when woken while waiting: a flag set
+    # while it is still tidying up after the last job waits for the next one. So post it until it is seen.
+    comfy.wait_for_log("Ruyi-TRT: ComfyUI freed memory, the pipeline is unloaded", repost=("/free", {"unload_models": True}))
     interrupted = []
 
     async def cancel_in_vae_encode(job: Job, post) -> None:
