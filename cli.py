@@ -1,13 +1,96 @@
-"""The `ruyi-trt` command line: a thin click layer over the library (validation lives in the library)."""
+"""The `ruyi-trt` command line: a thin click layer over the library (validation lives in the library).
+
+Exit codes of `ruyi-trt run`: 0 success; 2 bad usage or input (an option out of range, an image, model, LoRA or
+output location that cannot be used; nothing is loaded or written); 1 a failure while running (out of memory,
+a full disk, a missing engine or dependency); 130 interrupted by Ctrl-C (nothing half-written is left). A refusal
+names the option (as its --flag) and what it accepts.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
+import threading
 
 import click
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class InputError(click.ClickException):
+    """Bad input: exit code 2, like click's usage errors, without the usage text."""
+
+    exit_code = 2
+
+
+class RuyiGroup(click.Group):
+    """The command group: Ctrl-C anywhere ends the command with exit code 130 and one line, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted (Ctrl-C); nothing half-written was left behind.", err=True)
+            if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+                logging.shutdown()  # worker threads (a download's) would keep the process alive: leave now
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+class Number(click.ParamType):
+    """A whole number or a number; the conversion error also says the accepted range, which the library checks.
+
+    `accepted(request, loading)` gives that range from the library's constants (called only on an error, so that
+    the command line starts without importing torch)."""
+
+    def __init__(self, kind: type, accepted):
+        self.kind, self.accepted = kind, accepted
+        self.name = "integer" if kind is int else "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            return value
+        try:
+            return self.kind(value)
+        except (TypeError, ValueError, OverflowError):
+            from .runtime import loading, request
+
+            kind = "a whole number" if self.kind is int else "a number"
+            self.fail(f"{value!r} is not {kind}; use {self.accepted(request, loading)}.", param, ctx)
+
+
+FRAMES = Number(int, lambda r, _: f"1 or 8..{r.MAX_FRAMES}")
+STEPS = Number(int, lambda r, _: f"1..{r.MAX_STEPS}")
+GUIDANCE = Number(float, lambda r, _: f"0..{r.MAX_GUIDANCE}")
+SEED = Number(int, lambda r, _: f"0..{r.MAX_SEED}")
+OFFLOAD_STEPS = Number(int, lambda _, lo: f"0..{lo.MAX_OFFLOAD_STEPS}")
+VRAM_BUDGET = Number(float, lambda _, lo: f"{lo.MIN_VRAM_BUDGET_GB}..{lo.MAX_VRAM_BUDGET_GB} GiB")
+THRESHOLD = Number(float, lambda _, __: "a threshold within (0, 1]")
+WEIGHT = Number(float, lambda _, __: "0..100")
+STRENGTH = Number(float, lambda _, lo: f"-{lo.MAX_LORA_STRENGTH}..{lo.MAX_LORA_STRENGTH}")
+TIMEOUT = Number(float, lambda _, __: "a positive number of seconds")
+
+
+# library argument names -> the `run` option that sets them (others are "--" + name with '-' for '_')
+FLAGS = {"guidance_scale": "--cfg", "teacache_threshold": "--teacache", "vram_budget_gb": "--vram-budget",
+         "image/end_image": "--image/--end-image", "start_images": "--image", "end_images": "--end-image"}  # fmt: skip
+ARGUMENT = re.compile(r"^([a-z][a-z0-9_/]*): ")
+
+
+def cli_message(message: str) -> str:
+    """A library message "name: ..." as "--flag: ..." (the option of `run` that sets `name`)."""
+    match = ARGUMENT.match(message)
+    if match is None:
+        return message
+    name = match.group(1)
+    return FLAGS.get(name, "--" + name.replace("_", "-")) + message[len(name) :]
+
+
+@click.group(cls=RuyiGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.version_option(package_name="ruyi-trt")
 def main(verbose: bool) -> None:
@@ -25,50 +108,66 @@ def doctor() -> None:
 
 @main.command()
 @click.option("--model", "model", default=None, help="Checkpoint folder, 'tiny' (small random model), 'full-random' (the real architecture, random weights), or omit for models/Ruyi-Mini-7B (downloaded when missing).")
-@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False), help="Start image (repeat for up to 5 leading frames); not needed with --plan-only --size.")
-@click.option("--end-image", "end_images", multiple=True, type=click.Path(dir_okay=False), help="End image (the last frame).")
-@click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(dir_okay=False), help="Output mp4 (H.264, 24 fps).")
-@click.option("--frames-dir", default=None, type=click.Path(file_okay=False), help="Also write every frame as PNG into this folder.")
-@click.option("--frames", default=120, show_default=True, help="Video length, 1..120 (rounded down to a multiple of 8).")
+@click.option("--image", "images", multiple=True, type=click.Path(), help="Start image (repeat for up to 5 leading frames); not needed with --plan-only --size.")
+@click.option("--end-image", "end_images", multiple=True, type=click.Path(), help="End image (the last frame).")
+@click.option("--out", "out", default="outputs/video.mp4", show_default=True, type=click.Path(), help="Output mp4 (H.264, 24 fps).")
+@click.option("--frames-dir", default=None, type=click.Path(), help="Also write every frame as PNG into this folder.")
+@click.option("--frames", default=120, show_default=True, type=FRAMES, help="Video length, 1..120 (rounded down to a multiple of 8).")
 @click.option("--resolution", default=512, show_default=True, type=click.Choice(["512", "768"]), help="Base resolution of the aspect-ratio buckets.")
 @click.option("--size", default=None, help="Explicit HEIGHTxWIDTH (multiples of 16) instead of the bucket, e.g. 384x672.")
 @click.option("--camera", default="static", show_default=True, type=click.Choice(["static", "left", "right", "up", "down", "auto"]))
 @click.option("--motion", default="2", show_default=True, type=click.Choice(["1", "2", "3", "4", "auto"]), help="Motion amplitude.")
-@click.option("--steps", default=25, show_default=True, help="Denoising steps.")
-@click.option("--cfg", "guidance_scale", default=7.0, show_default=True, help="Classifier-free guidance scale (<= 1 turns CFG off).")
-@click.option("--seed", default=42, show_default=True)
+@click.option("--steps", default=25, show_default=True, type=STEPS, help="Denoising steps, 1..1000.")
+@click.option("--cfg", "guidance_scale", default=7.0, show_default=True, type=GUIDANCE, help="Classifier-free guidance scale, 0..20 (<= 1 turns CFG off).")
+@click.option("--seed", default=42, show_default=True, type=SEED, help="Random seed, 0..2^64-1: the same seed gives the same video file.")
 @click.option("--scheduler", default="DDIM", show_default=True, type=click.Choice(["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]))
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="ort: ONNX Runtime over graphs exported on first use into the artifact cache; trt: TensorRT engines made by `ruyi-trt build`.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu).")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]), help="Default: bf16 on cuda (fp16 with --backend ort) and with --plan-only, fp32 on cpu.")
 @click.option("--memory-mode", default="auto", show_default=True, type=click.Choice(["auto", "full_gpu", "normal", "low_gpu"]), help="auto: plan streaming/offload for the GPU's free memory (or --vram-budget).")
-@click.option("--offload-steps", default=None, type=int, help="Long-skip activations moved to the host in groups of N (0 = keep on device; default: the planner's choice in auto, else 0).")
-@click.option("--vram-budget", "vram_budget_gb", default=None, type=float, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
+@click.option("--offload-steps", default=None, type=OFFLOAD_STEPS, help="Long-skip activations moved to the host in groups of N (0 = keep on device; default: the planner's choice in auto, else 0).")
+@click.option("--vram-budget", "vram_budget_gb", default=None, type=VRAM_BUDGET, help="Device memory the run may use, in GiB (default: the GPU's free memory).")
 @click.option("--plan-only", is_flag=True, help="Print the memory plan and exit (reads configs only, no weights).")
-@click.option("--fp8", default="none", show_default=True, type=click.Choice(["none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer.")
+@click.option("--fp8", default="auto", show_default=True, type=click.Choice(["auto", "none", "lite", "strong", "extreme"]), help="FP8 weight storage for the transformer; auto: none, unless --memory-mode auto finds no plan without it.")
 @click.option("--fp8-storage", default="fp8_e4m3fn", show_default=True, type=click.Choice(["fp8_e4m3fn", "fp8_e5m2"]))
-@click.option("--teacache", "teacache_threshold", default=None, type=float, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
-@click.option("--enhance-a-video", "enhance_a_video", default=None, type=float, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
-@click.option("--lora", default=None, type=click.Path(dir_okay=False), help="LoRA safetensors file merged into the transformer.")
-@click.option("--lora-strength", default=1.0, show_default=True)
+@click.option("--teacache", "teacache_threshold", default=None, type=THRESHOLD, help="TeaCache step-skipping threshold (e.g. 0.1); off when omitted.")
+@click.option("--enhance-a-video", "enhance_a_video", default=None, type=WEIGHT, metavar="WEIGHT", help="Enhance-A-Video weight (reference default 1.0, keep it < 10): scales self-attention by a temporal score on every step; torch backend only, off when omitted.")
+@click.option("--lora", default=None, type=click.Path(), help="LoRA safetensors file merged into the transformer.")
+@click.option("--lora-strength", default=1.0, show_default=True, type=STRENGTH, help="-100..100.")
+@click.option("--compute", default="none", show_default=True, type=click.Choice(["none", "fp8", "int8"]), help="8-bit GEMMs in the transformer blocks (torch backend): fp8 via torch._scaled_mm (GPU compute capability >= 8.9), int8 via torchao (Ampere+, CPU). Not --fp8, which only stores weights in fp8.")
+@click.option("--scales", default=None, type=click.Path(), help="scales.safetensors (or its folder) from `ruyi-trt calibrate` for --compute; default: dynamic per-token scales.")
+@click.option("--attention", default="sdpa", show_default=True, type=click.Choice(["sdpa", "fp8", "fp8-full"]), help="Self-attention kernel (torch backend): fp8 = Triton FP8 kernel, Q.K^T in e4m3 and P.V in the run dtype; fp8-full = P.V in e4m3 too (GPU compute capability >= 8.9).")
+@click.option("--fused-kernels", is_flag=True, help="Fused Triton kernels for norm1 + shift, QK-norm + RoPE and GELU-tanh (torch backend, CUDA).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Spread the video over the processes of `torchrun --nproc-per-node K $(which ruyi-trt) run ...` (K = ulysses x ring x cfg): tokens split over ulysses x ring ranks, the CFG halves over cfg=2 rank groups.")
+@click.option("--parallel-timeout", default=600.0, show_default=True, type=TIMEOUT, help="Seconds a rank waits for the others before the whole job stops with an error.")
 def run(model, images, end_images, out, frames_dir, frames, resolution, size, camera, motion, steps, guidance_scale,
         seed, scheduler, backend, device, dtype, memory_mode, offload_steps, vram_budget_gb, plan_only, fp8,
-        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, no_progress) -> None:
-    """Generate a video from a start image (and optionally an end image)."""
+        fp8_storage, teacache_threshold, enhance_a_video, lora, lora_strength, compute, scales, attention,
+        fused_kernels, no_progress, parallel, parallel_timeout) -> None:
+    """Generate a video from a start image (and optionally an end image).
+
+    Exit codes: 0 success, 2 bad usage or input, 1 a failure while running, 130 Ctrl-C (see the README)."""
+    from .files import WriteError
     from .models.checkpoint import Checkpoint
     from .models.checkpoint_io import CheckpointError
     from .runtime.loading import RuntimeOptions, memory_plan
+    from .runtime.parallel import ParallelConfig, ParallelConfigError, ParallelError, leave
     from .runtime.pipeline import GenerationError, RuyiPipeline
     from .runtime.request import VideoRequest
     from .runtime.video import check_output_path
 
+    try:
+        parallel = ParallelConfig.parse(parallel, parallel_timeout) if parallel else None
+    except ParallelConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--parallel") from exc
     if plan_only:
         dtype = dtype or "bf16"  # plan for the GPU run, also from a machine without one
     run_options = dict(
         backend=backend, device=device, dtype=dtype, memory_mode=memory_mode, offload_steps=offload_steps, fp8=fp8,
         fp8_storage=fp8_storage, teacache=teacache_threshold, enhance_a_video=enhance_a_video, lora=lora,
-        lora_strength=lora_strength, vram_budget=vram_budget_gb,
+        lora_strength=lora_strength, vram_budget=vram_budget_gb, parallel=parallel, compute=compute, scales=scales,
+        attention=attention, fused_kernels=fused_kernels,
     )  # fmt: skip
     video_options = dict(
         frames=frames, resolution=int(resolution), size=_parse_size(size), camera=camera, motion=motion, steps=steps,
@@ -76,32 +175,47 @@ def run(model, images, end_images, out, frames_dir, frames, resolution, size, ca
     )  # fmt: skip
     try:
         if plan_only:
-            checkpoint = Checkpoint.for_planning(model)
-            options = RuntimeOptions.make(**run_options)
             if not images and video_options["size"] is None:
                 raise click.UsageError("--plan-only needs --size HEIGHTxWIDTH or an --image (whose aspect bucket is planned)")
             request = _plan_request(images, video_options)
+            options = RuntimeOptions.make(**run_options)
+            checkpoint = Checkpoint.for_planning(model)
             height, width, length = request.geometry(checkpoint.vae.mini_batch_encoder)
             plan = memory_plan(checkpoint, options, height, width, length, guidance_scale > 1.0, steps, plan_only=True)
             click.echo(plan.describe())
             return
         if not images:
-            raise click.UsageError("Missing option '--image' (a start image).")
+            raise click.UsageError("Missing option '--image': give a start image (PNG or JPEG; repeat --image for up to 5).")
+        # everything the user gave is checked before minutes of loading: the output places, the images and
+        # options, the LoRA file
         check_output_path(out, "--out", suffix=".mp4")
         if frames_dir is not None:
             check_output_path(frames_dir, "--frames-dir")
         request = VideoRequest.from_inputs(list(images), list(end_images) or None, **video_options)
+        RuntimeOptions.make(**run_options)
+        if parallel is not None:
+            parallel.check_guidance(request.guidance_scale > 1.0)  # before any process group forms
         pipe = RuyiPipeline.from_pretrained(model, **run_options)
         plan = pipe.plan(request)
         if plan is not None:
             click.echo(plan.describe())
         video = pipe.generate(request, progress=not no_progress)
-        video.save(out)
-        if frames_dir is not None:
-            video.save_frames(frames_dir)
-    except (ValueError, TypeError, CheckpointError, GenerationError, ImportError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {out}  ({video.stats.summary()})")
+        main_rank = pipe.parallel is None or pipe.parallel.is_main
+        if main_rank:  # under --parallel every rank has the video; rank 0 writes it
+            video.save(out)
+            if frames_dir is not None:
+                video.save_frames(frames_dir)
+        if pipe.parallel is not None:
+            pipe.parallel.barrier()  # the other ranks return once the files exist
+    except CheckpointError as exc:
+        raise InputError(f"--model: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        raise InputError(cli_message(str(exc))) from exc
+    except (GenerationError, ParallelError, WriteError, ImportError, RuntimeError, OSError) as exc:
+        raise click.ClickException(cli_message(str(exc))) from exc
+    leave()
+    if main_rank:
+        click.echo(f"wrote {out}  ({video.stats.summary()})")
 
 
 def _plan_request(images, video_options: dict):
@@ -117,11 +231,12 @@ def _plan_request(images, video_options: dict):
 
 @main.command()
 @click.option("--model", default="tiny", show_default=True, help="'tiny', 'full-random' (full-size random weights built on the device, no checkpoint) or a checkpoint folder.")
-@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu.")
+@click.option("--backends", default="torch", show_default=True, help="Comma list: torch, ort, trt and the torch fast paths torch-compile, torch-compile-max, torch-cudagraph, torch-sdpa-{flash,cudnn,efficient,math}, torch-lowgpu, torch-int8, torch-fp8, torch-fp8-attn, torch-fp8-all, torch-fused.")
 @click.option("--resolution", default="512", show_default=True, help="Comma list of square sizes, e.g. 512,768.")
 @click.option("--size", default=None, help="Comma list of HEIGHTxWIDTH (multiples of 16) instead of --resolution, e.g. 64x64 for the tiny model.")
 @click.option("--frames", default="24", show_default=True, help="Comma list of video lengths (1 or multiples of 8), e.g. 24,120.")
-@click.option("--stages", default="image_encoder,vae_encode,denoise,vae_decode,run", show_default=True, help="Comma list of stages to time.")
+@click.option("--stages", default="image_encoder,vae_encode,denoise,vae_decode,run", show_default=True, help="Comma list of stages to time; add `block` for one full-width transformer block (hidden 2816, 16 x 176 heads) on --block-tokens tokens.")
+@click.option("--block-tokens", default=2048, show_default=True, help="Tokens of the block stage (a multiple of 64).")
 @click.option("--steps", default=2, show_default=True, help="Denoising steps of the whole-run stage.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed calls per stage before timing.")
 @click.option("--repeat", default=3, show_default=True, help="Timed calls per stage (median, min, max).")
@@ -130,9 +245,12 @@ def _plan_request(images, video_options: dict):
 @click.option("--time-budget", "time_budget_s", default=None, type=float, help="Skip measurements that would start after this many seconds.")
 @click.option("--max-stage-seconds", default=None, type=float, help="Stop timing a stage once its timed calls add up to this (at least one call).")
 @click.option("--out", default="outputs/bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json, bench.md and bench.png.")
-def bench(model, backends, resolution, size, frames, stages, steps, warmup, repeat, dtype, device, time_budget_s,
-          max_stage_seconds, out) -> None:
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Time the parallel mode under `torchrun --nproc-per-node K $(which ruyi-trt) bench ...` (torch backend); rows carry the communication per step.")
+@click.option("--parallel-timeout", default=600.0, show_default=True, type=TIMEOUT, help="Seconds a rank waits for the others.")
+def bench(model, backends, resolution, size, frames, stages, block_tokens, steps, warmup, repeat, dtype, device,
+          time_budget_s, max_stage_seconds, out, parallel, parallel_timeout) -> None:
     """Time each stage per backend and shape: median/min/max, peak memory, TFLOP/s and % of the GPU's peak."""
+    from .runtime.parallel import ParallelConfig, is_main_process, leave
     from .tools.bench import BenchConfig, parse_shapes, run_bench
 
     try:
@@ -140,11 +258,15 @@ def bench(model, backends, resolution, size, frames, stages, steps, warmup, repe
             model=model, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
             shapes=parse_shapes(resolution, frames, size), stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
             steps=steps, warmup=warmup, repeat=repeat, dtype=dtype, device=device, time_budget_s=time_budget_s,
-            max_stage_seconds=max_stage_seconds,
+            max_stage_seconds=max_stage_seconds, block_tokens=block_tokens,
+            parallel=ParallelConfig.parse(parallel, parallel_timeout) if parallel else None,
         )
         results = run_bench(config, out)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    leave()
+    if not is_main_process():
+        return
     ok = sum(m.status == "ok" for m in results.measurements)
     click.echo(f"{ok}/{len(results.measurements)} measurements ok; wrote {out}/bench.json, bench.md, bench.png")
 
@@ -230,5 +352,54 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
     try:
         height, width = (int(part) for part in size.lower().split("x"))
     except ValueError as exc:
-        raise click.BadParameter(f"{size!r} is not HEIGHTxWIDTH, e.g. 384x672", param_hint="--size") from exc
+        raise click.BadParameter(f"{size!r} is not HEIGHTxWIDTH; use two multiples of 16 within 16..2048, e.g. 384x672",
+                                 param_hint="--size") from exc
     return height, width
+
+
+# `ruyi-trt run`'s options that say how to run; `serve` takes the same ones (the same click options)
+SERVE_RUN_OPTIONS = ("backend", "device", "dtype", "memory_mode", "offload_steps", "vram_budget_gb", "fp8",
+                     "fp8_storage", "teacache_threshold", "enhance_a_video", "lora", "lora_strength", "compute", "scales",
+                     "attention", "fused_kernels")  # fmt: skip
+
+
+@main.command()
+@click.option("--model", "model", default=None, help="As for `run`: a checkpoint folder, 'tiny', 'full-random', or omit for models/Ruyi-Mini-7B.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (anything but loopback is reachable by others: use --token-file).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Holds the job queue (SQLite) and results/; reuse it to keep the queue across restarts.")
+@click.option("--workers-per-gpu", default=1, show_default=True, help="Worker processes per GPU (or per GPU group with --parallel; on the CPU: in all), each holding a loaded pipeline.")
+@click.option("--max-queue", default=100, show_default=True, help="Waiting jobs accepted before new ones get 429.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False), help="File whose first line is the bearer token every request must send.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, help="Largest request body (413 past it).")
+@click.option("--result-ttl-hours", default=168.0, show_default=True, help="Finished jobs and their videos are deleted after this many hours.")
+@click.option("--max-attempts", default=2, show_default=True, help="Runs of a job that keeps being interrupted (a crash, a lost worker) before it is marked failed.")
+@click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Serve application: the API plus one GPU worker replica per GPU of the Ray cluster.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (e.g. auto, or ray://head:10001); default: start a local one.")
+@click.option("--ray-workers", default=None, type=int, help="Worker replicas under --ray (default: the cluster's GPUs, or 1 on the CPU).")
+@click.option("--parallel", "parallel", default=None, metavar="ulysses=N[,ring=M][,cfg=2]", help="Each worker is a group of K = ulysses x ring x cfg processes, one GPU each, sharing every video (as `run --parallel`).")
+def serve(model, host, port, data_dir, workers_per_gpu, max_queue, token_file, max_upload_mb, result_ttl_hours,
+          max_attempts, use_ray, ray_address, ray_workers, **run_options) -> None:
+    """Serve image-to-video jobs over HTTP: a persistent queue, live progress, a web page at /."""
+    from pathlib import Path
+
+    from .models.checkpoint_io import CheckpointError
+    from .server.config import ServerConfig, read_token
+    from .server.main import serve as serve_forever
+
+    run_options["vram_budget"] = run_options.pop("vram_budget_gb")
+    run_options["teacache"] = run_options.pop("teacache_threshold")
+    try:
+        config = ServerConfig(
+            model=model, data_dir=Path(data_dir), run_options=run_options, host=host, port=port,
+            workers_per_gpu=workers_per_gpu, max_queue=max_queue, max_upload_mb=max_upload_mb,
+            result_ttl_s=result_ttl_hours * 3600, max_attempts=max_attempts,
+            token=read_token(token_file) if token_file else None, ray=use_ray, ray_address=ray_address,
+            ray_workers=ray_workers,
+        )  # fmt: skip
+        serve_forever(config)
+    except (ValueError, CheckpointError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+serve.params.extend(param for param in run.params if param.name in SERVE_RUN_OPTIONS)

@@ -1,6 +1,14 @@
-"""Helpers shared by the test suite and the parity checks in tools/: tolerance assertions and synthetic images."""
+"""Helpers shared by the test suite and the parity checks in tools/: tolerance assertions and synthetic images.
+
+Also a pytest plugin (pyproject: `addopts = "-p ruyi_trt.testing"`): the repository root is the package
+`ruyi_trt` under whatever name its clone has (`ruyi-trt`, ...), so pytest must collect it as a plain folder;
+as a package it would import the root `__init__.py` under the folder's name, which fails for names like
+`ruyi-trt`.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,3 +31,13 @@ def gradient_image(width: int, height: int, phase: float = 0.0) -> Image.Image:
         [127 + 120 * np.sin(x / width * 6 + phase), 127 + 120 * np.cos(y / height * 5), 255 * x / width], axis=-1
     )
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def pytest_collect_directory(path: Path, parent):
+    """pytest hook: the repository root (pytest's rootdir, holding the package's __init__.py) is collected as a plain
+    `pytest.Dir` (see the module docstring)."""
+    if path == parent.config.rootpath and (path / "__init__.py").is_file():
+        import pytest
+
+        return pytest.Dir.from_parent(parent, path=path)
+    return None

@@ -1,7 +1,11 @@
 """What the nodes take from ComfyUI when they run inside it, with plain fallbacks outside it: the "Ruyi" model
 folder type (so extra_model_paths.yaml works) and the model list, downloads with ComfyUI's progress bar, the
 device, one progress bar over a whole video (with Cancel, latent previews and the stage as text under the node),
-and the VIDEO type. ComfyUI's modules are imported at call time only, never at import time."""
+and the VIDEO type. ComfyUI's modules are imported at call time only, never at import time.
+
+Inside ComfyUI a model or LoRA name is a name within its folder (the Ruyi folders, models/loras): a name with a
+`..` part, or an absolute path outside those folders, is refused, so a workflow cannot make the nodes read
+elsewhere."""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -66,23 +71,61 @@ def model_choices() -> list[str]:
     return names + list(SPECIAL_MODELS)
 
 
+def _is_absolute(name: str) -> bool:
+    return Path(name).is_absolute() or bool(PureWindowsPath(name).drive) or name.startswith(("\\", "/", "~"))
+
+
+def _refuse_outside(name: str, folder: str | Path, argument: str) -> ValueError:
+    return ValueError(f"{argument}: {name!r} is outside {folder}; names with '..' or absolute paths elsewhere are "
+                      f"refused. Put it into {folder} and choose it by name.")  # fmt: skip
+
+
+def inside_folder(name: str, folder: Path, argument: str) -> Path:
+    """`folder / name`, refusing (ValueError) a name that leaves `folder`: a `..` part, or an absolute path (POSIX
+    or Windows) that is not inside it. Checked on the names, so symlinks placed in the folder keep working."""
+    root = Path(os.path.normpath(folder))
+    path = Path(os.path.normpath(Path(name).expanduser() if _is_absolute(name) else root / name))
+    if ".." in re.split(r"[\\/]", name) or not (path == root or root in path.parents):
+        raise _refuse_outside(name, root, argument)
+    return path
+
+
+def _in_model_roots(model: str, roots: list[Path]) -> Path:
+    """The folder `model` names in the first Ruyi folder that has it, else where it goes in the first one that
+    takes the name; refuses names that leave every Ruyi folder, and a Ruyi folder itself."""
+    places: list[Path] = []
+    for root in roots:
+        try:
+            places.append(inside_folder(model, root, "model"))
+        except ValueError:
+            continue
+    if not places:
+        raise _refuse_outside(model, ", ".join(str(root) for root in roots), "model")
+    if any(place == Path(os.path.normpath(root)) for place in places for root in roots):
+        raise ValueError(f"model: {model!r} is not a checkpoint folder name; choose one from the list (folders in "
+                         f"{', '.join(str(root) for root in roots)}).")  # fmt: skip
+    return next((place for place in places if place.is_dir()), places[0])
+
+
 def model_folder(model: str, node_id: str | None = None) -> str:
     """`tiny` -> the tiny checkpoint folder; `full-random` as it is; else the folder of that name in the first Ruyi
-    folder that has it. Ruyi-Mini-7B is downloaded (or its download resumed) when missing, with a progress bar."""
+    folder that has it (outside ComfyUI also any checkpoint folder). Ruyi-Mini-7B is downloaded (or its download
+    resumed) when missing, with a progress bar."""
     from ..models.checkpoint import Checkpoint, download_checkpoint, missing_parts
 
     if model == "full-random":
         return model
     if model == "tiny":
         return str(Checkpoint.resolve(model).folder)
-    if model in ("", ".", "..") or Path(model).name != model or "\\" in model:
-        raise ValueError(f"model: {model!r} is not a folder name; choose one from the list (folders in models/Ruyi).")
     roots = model_roots()
-    found = [root / model for root in roots if (root / model).is_dir()]
-    folder = found[0] if found else roots[0] / model
+    given = Path(model).expanduser()
+    if comfy_module("folder_paths") is None and given.is_dir():
+        folder = given
+    else:
+        folder = _in_model_roots(model, roots)
     if model == DEFAULT_MODEL and missing_parts(folder):
         download_checkpoint(folder, progress=download_progress(model, node_id))
-    elif not found:
+    elif not folder.is_dir():
         where = ", ".join(str(root) for root in roots)
         raise ValueError(f"model: {model!r} is not a folder in {where}; put the checkpoint folder there (or add a "
                          f"'{RUYI_FOLDER}:' entry to extra_model_paths.yaml), or choose {DEFAULT_MODEL} to download it.")  # fmt: skip
@@ -116,9 +159,11 @@ def lora_widget() -> tuple:
 def lora_path(name: str) -> str:
     """The file of a LoRA chosen from ComfyUI's loras folder, or given as a path."""
     folder_paths = comfy_module("folder_paths")
-    found = folder_paths.get_full_path("loras", name) if folder_paths is not None else None
-    path = Path(found or name).expanduser()
-    if not path.is_file():
+    if folder_paths is not None and (_is_absolute(name) or ".." in re.split(r"[\\/]", name)):
+        raise _refuse_outside(name, "ComfyUI's models/loras folder", "lora")
+    found = folder_paths.get_full_path("loras", name) if folder_paths is not None else name
+    path = Path(found or "").expanduser()
+    if not found or not path.is_file():
         raise ValueError(f"lora: {name!r} is not a file; put it in ComfyUI's models/loras folder or give its path.")
     return str(path)
 

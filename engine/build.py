@@ -3,9 +3,11 @@
     build_engines(BuildSettings(model="tiny", precision="fp16", resolutions=("512",), frames=FrameRange(24, 48, 120)))
 
 Per graph: compute its optimization profile (engine/profiles.py), its cache key (engine/cache.py), skip
-it when `engines/<key>/engine.plan` is already there and intact, else build it (engine/builder.py), write
-the plan atomically, then `build.log` (settings, profile, attention-pattern check, every TensorRT
-message) and last the `engine.json` sidecar, so a folder with a sidecar always has a complete plan.
+it when `engines/<key>/engine.plan` is already there and intact, else build it (engine/builder.py) and write
+the plan, `build.log` (settings, profile, attention-pattern check, every TensorRT message) and last the
+`engine.json` sidecar into a temporary folder that is fsynced and renamed to `engines/<key>` (files.atomic_folder),
+so an engine folder is always complete and a failed or interrupted build leaves nothing. A lock per key
+(files.file_lock) makes a second process building the same engine wait, then reuse it.
 With `refit`, `refit_map.json` (engine/refit.py) records which checkpoint tensor each ONNX weight is.
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from ..export import manifest as export_manifest
 from ..export.onnx_export import ensure_exported
 from ..export.specs import ExportSpec
-from ..files import atomic_write
+from ..files import atomic_folder, file_lock
 from ..models.checkpoint import Checkpoint
 from . import cache
 from .attention import attention_patterns, describe
@@ -89,39 +91,43 @@ def build_graph(spec: ExportSpec, component: str, entry: dict, onnx_dir: Path, c
     onnx_id = cache.onnx_hash(entry, graph)
     key = cache.engine_key(graph, onnx_id, settings.precision, profile, options.flags(), platform)
     folder = root / key
-    existing = cache.read_record(folder)
-    if existing is not None:
-        try:
-            cache.read_plan(folder, existing)
-            log.info("%s: engine %s is cached, skipping", graph, folder)
-            return folder, False
-        except cache.EngineFileError as exc:
-            log.warning("%s: rebuilding (%s)", graph, exc)
-    onnx_path = onnx_dir / entry["graphs"][graph]["file"]
-    attention = attention_patterns(onnx_path)
-    started = time.perf_counter()
-    result = build_plan(onnx_path, profile, options, progress)
-    seconds = round(time.perf_counter() - started, 2)
-    atomic_write(folder / cache.PLAN_NAME, lambda tmp: tmp.write_bytes(result.plan))
-    record = cache.EngineRecord(
-        key=key, graph=graph, component=component, precision=settings.precision, platform=platform,
-        checkpoint_hash=entry["checkpoint_hash"], onnx_hash=onnx_id, onnx_file=str(onnx_path), profile=profile,
-        flags=options.flags(), settings=settings, engine_bytes=len(result.plan),
-        engine_sha256=hashlib.sha256(result.plan).hexdigest(), build_seconds=seconds, attention=attention,
-    )  # fmt: skip
-    lines = [
-        f"ruyi-trt build log: {graph} ({component})", f"command: {settings.command()}",
-        f"onnx: {onnx_path} ({onnx_id})", f"platform: {platform}", f"flags: {options.flags()}",
-        f"profile: {json.dumps(profile_to_json(profile))}",
-        f"network: {result.num_layers} layers, inputs {json.dumps(result.network_inputs)}", describe(attention),
-        f"built in {seconds} s, {len(result.plan)} bytes", "", "TensorRT messages:", *result.messages,
-    ]  # fmt: skip
-    atomic_write(folder / cache.LOG_NAME, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    if settings.refit and component == "transformer":
-        from .refit import write_refit_map
+    with file_lock(folder):
+        existing = cache.read_record(folder)
+        if existing is not None:
+            try:
+                cache.read_plan(folder, existing)
+                log.info("%s: engine %s is cached, skipping", graph, folder)
+                return folder, False
+            except cache.EngineFileError as exc:
+                log.warning("%s: rebuilding (%s)", graph, exc)
+        onnx_path = onnx_dir / entry["graphs"][graph]["file"]
+        attention = attention_patterns(onnx_path)
+        started = time.perf_counter()
+        result = build_plan(onnx_path, profile, options, progress)
+        seconds = round(time.perf_counter() - started, 2)
+        record = cache.EngineRecord(
+            key=key, graph=graph, component=component, precision=settings.precision, platform=platform,
+            checkpoint_hash=entry["checkpoint_hash"], onnx_hash=onnx_id, onnx_file=str(onnx_path), profile=profile,
+            flags=options.flags(), settings=settings, engine_bytes=len(result.plan),
+            engine_sha256=hashlib.sha256(result.plan).hexdigest(), build_seconds=seconds, attention=attention,
+        )  # fmt: skip
+        lines = [
+            f"ruyi-trt build log: {graph} ({component})", f"command: {settings.command()}",
+            f"onnx: {onnx_path} ({onnx_id})", f"platform: {platform}", f"flags: {options.flags()}",
+            f"profile: {json.dumps(profile_to_json(profile))}",
+            f"network: {result.num_layers} layers, inputs {json.dumps(result.network_inputs)}", describe(attention),
+            f"built in {seconds} s, {len(result.plan)} bytes", "", "TensorRT messages:", *result.messages,
+        ]  # fmt: skip
 
-        write_refit_map(folder, onnx_path, checkpoint.part("transformer"), settings.precision)
-    cache.write_record(folder, record)
+        def write(tmp: Path) -> None:
+            (tmp / cache.PLAN_NAME).write_bytes(result.plan)
+            (tmp / cache.LOG_NAME).write_text("\n".join(lines) + "\n")
+            if settings.refit and component == "transformer":
+                from .refit import write_refit_map
+
+                write_refit_map(tmp, onnx_path, checkpoint.part("transformer"), settings.precision)
+            cache.write_record(tmp, record)
+
+        atomic_folder(folder, write, replace=True)
     log.info("%s: built %s in %.1f s (%s)", graph, folder, seconds, describe(attention))
     return folder, True
-

@@ -143,14 +143,6 @@ def read_records(root: Path) -> list[tuple[Path, EngineRecord]]:
     return [(folder, record) for folder, record in found if record is not None]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_plan(folder: Path, record: EngineRecord) -> bytes:
     """The plan bytes after checking them against the sidecar's size and sha256."""
     path = Path(folder) / PLAN_NAME

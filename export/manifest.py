@@ -12,6 +12,7 @@ Schema (version 1):
           "graphs": {
             "<graph>": {                       # e.g. transformer, transformer_block_skip, vae_decoder
               "file": "<graph>.onnx", "data_file": "<graph>.onnx.data" | null, "bytes": 123 (both files),
+              "sha256": {"<graph>.onnx": "...", "<graph>.onnx.data": "..."},
               "opset": 18, "fp32_nodes": 40,   # nodes upcast to float32 in fp16/bf16 graphs
               "inputs": [{"name": ..., "shape": [..., "batch", 16], "dtype": "float16"}], "outputs": [...],
               "dynamic_axes": {...}, "trace_dims": {...}, "dim_bounds": {...}   # ExportSpec.to_dict()
@@ -20,18 +21,22 @@ Schema (version 1):
         }
       }
     }
-A component is reused when its entry has the same checkpoint hash and settings and all its files exist.
+A component is reused when its entry has the same checkpoint hash and settings and all its files exist with the
+recorded size and sha256 (a truncated or damaged graph is exported again).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
+from ..files import atomic_write, file_digest
 from ..models.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = 1
@@ -57,15 +62,22 @@ def tool_versions(exporter: str) -> dict[str, str]:
     return versions
 
 
+def empty_manifest() -> dict[str, Any]:
+    return {"schema": SCHEMA, "components": {}}
+
+
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     """The manifest in `out_dir`, or an empty one; a damaged file raises ValueError naming it."""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
-        return {"schema": SCHEMA, "components": {}}
+        return empty_manifest()
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it to re-export every graph.") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("components"), dict):
+        message = f"{path} is not an export manifest (no components); delete it to re-export every graph."
+        raise ValueError(message)  # noqa: TRY004 - a damaged file, not an argument of the wrong type
     if data.get("schema") != SCHEMA:
         raise ValueError(
             f"{path} has schema {data.get('schema')!r}, expected {SCHEMA}; delete the folder and re-export."
@@ -84,11 +96,15 @@ def entry_is_current(out_dir: str | Path, entry: dict[str, Any] | None, checkpoi
     if not entry or entry.get("checkpoint_hash") != checkpoint_hash or entry.get("settings") != settings:
         return False
     out_dir = Path(out_dir)
-    for graph in entry.get("graphs", {}).values():
+    for name, graph in entry.get("graphs", {}).items():
         files = [graph["file"]] + ([graph["data_file"]] if graph.get("data_file") else [])
-        if not all((out_dir / name).is_file() for name in files):
+        if not all((out_dir / file).is_file() for file in files):
             return False
-        if sum((out_dir / name).stat().st_size for name in files) != graph.get("bytes"):
+        if sum((out_dir / file).stat().st_size for file in files) != graph.get("bytes"):
+            log.warning("graph %s in %s is truncated (size differs from the manifest); exporting again", name, out_dir)
+            return False
+        if {file: file_digest(out_dir / file) for file in files} != graph.get("sha256"):
+            log.warning("graph %s in %s does not match its recorded sha256 (damaged); exporting again", name, out_dir)
             return False
     return bool(entry.get("graphs"))
 

@@ -3,10 +3,12 @@
 `export_checkpoint(checkpoint, out_dir, settings)` writes `out_dir/<graph>.onnx` (plus one
 `<graph>.onnx.data` for graphs over 2 GB) and `out_dir/manifest.json` (schema in export/manifest.py).
 Per component it: hashes the checkpoint files, skips the component when the manifest already lists it
-with the same hash and settings, otherwise loads the model, traces every graph of the component into a
-temporary folder next to `out_dir`, runs the clean-up passes (export/graph_passes.py), checks each graph
-with onnx.checker, and only then moves the files into `out_dir` and records them. A failure leaves
-neither half-written graphs nor a manifest entry.
+with the same hash and settings and its files are intact (size and sha256), otherwise loads the model, traces
+every graph of the component into a temporary folder next to `out_dir`, runs the clean-up passes
+(export/graph_passes.py), checks each graph with onnx.checker, and only then fsyncs the files, moves them into
+`out_dir` and records them. A failure (Ctrl-C included) leaves neither half-written graphs nor a manifest entry.
+A lock (files.file_lock) serializes processes exporting into the same `out_dir`: the second one waits, then
+reuses what the first exported.
 
 Graphs per component (specs in export/specs.py, wrappers in export/wrappers.py):
     transformer     transformer, or with per_block: transformer_embed, transformer_block_plain,
@@ -26,9 +28,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..deps import require
+from ..files import explained_write_errors, file_digest, file_lock, publish, scratch_folder
 from ..models.checkpoint import Checkpoint
 from . import graph_passes, manifest
 from .specs import EXPORT_DTYPES, TORCH_DTYPES, ExportSpec
@@ -98,9 +98,11 @@ def export_checkpoint(
     settings: ExportSettings = ExportSettings(),
     components: Sequence[str] = COMPONENTS,
     progress: bool = True,
+    reset_damaged: bool = False,
 ) -> ExportResult:
     """Export `components` of `checkpoint` (or the checkpoint folder it names) into `out_dir` (see the module
-    docstring)."""
+    docstring). A damaged manifest.json is an error, or with `reset_damaged` (the artifact cache) is replaced
+    by exporting everything again."""
     settings.validate()
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
@@ -108,7 +110,19 @@ def export_checkpoint(
     require("onnx", "ONNX export")
     checkpoint, out_dir = Checkpoint.resolve(checkpoint, download=False), Path(out_dir)
     hashes = {c: manifest.component_hash(checkpoint, c) for c in components}  # fails early on missing files
-    data = manifest.read_manifest(out_dir)
+    with file_lock(out_dir):
+        return _export_locked(checkpoint, out_dir, settings, components, hashes, progress, reset_damaged)
+
+
+def _export_locked(checkpoint: Checkpoint, out_dir: Path, settings: ExportSettings, components: Sequence[str],
+                   hashes: dict[str, str], progress: bool, reset_damaged: bool) -> ExportResult:  # fmt: skip
+    try:
+        data = manifest.read_manifest(out_dir)
+    except ValueError as exc:
+        if not reset_damaged:
+            raise
+        log.warning("%s Exporting every graph again.", exc)
+        data = manifest.empty_manifest()
     result = ExportResult(out_dir, data)
     for component in components:
         wanted = settings.for_component(component)
@@ -147,7 +161,7 @@ def ensure_exported(checkpoint: Checkpoint | str | Path, settings: ExportSetting
         key.update(f"{component}={manifest.component_hash(checkpoint, component)};".encode())
     key.update(repr(sorted(asdict(settings).items())).encode())
     out_dir = cache_root() / "onnx" / key.hexdigest()[:16]
-    export_checkpoint(checkpoint, out_dir, settings, components, progress)
+    export_checkpoint(checkpoint, out_dir, settings, components, progress, reset_damaged=True)
     return out_dir
 
 
@@ -190,10 +204,8 @@ def component_graphs(
 
 def _export_component(checkpoint: Checkpoint, out_dir: Path, component: str, settings: ExportSettings,
                       progress: bool) -> dict:  # fmt: skip
-    """Export every graph of `component` into a temp folder, then move the files into `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{component}.", dir=out_dir.parent))
-    try:
+    """Export every graph of `component` into a temp folder, then fsync the files and move them into `out_dir`."""
+    with scratch_folder(out_dir, component) as tmp:
         graphs = component_graphs(checkpoint, component, settings)
         entries = {}
         for spec, module in tqdm(graphs, desc=f"export {component}", unit="graph", disable=not progress):
@@ -201,13 +213,12 @@ def _export_component(checkpoint: Checkpoint, out_dir: Path, component: str, set
             entries[spec.name] = export_graph(module, spec, tmp, settings)
             log.info("%s: exported %s in %.1f s (%.2f MB)", component, spec.name, time.perf_counter() - started,
                      entries[spec.name]["bytes"] / 1e6)  # fmt: skip
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for entry in entries.values():
-            for name in filter(None, (entry["data_file"], entry["file"])):
-                os.replace(tmp / name, out_dir / name)
+        with explained_write_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for entry in entries.values():
+                for name in filter(None, (entry["data_file"], entry["file"])):
+                    publish(tmp / name, out_dir / name)
         return entries
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_stale(out_dir: Path, previous: dict, current: dict) -> None:
@@ -247,6 +258,7 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, folder: Path, settin
         "file": path.name,
         "data_file": data_file,
         "bytes": sum(f.stat().st_size for f in files),
+        "sha256": {f.name: file_digest(f) for f in files},
         "opset": settings.opset,
         "fp32_nodes": fp32_nodes,
         **spec.to_dict(),
@@ -255,8 +267,7 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, folder: Path, settin
 
 def _export_torchscript(module, spec: ExportSpec, inputs: dict, opset: int, folder: Path):
     onnx = require("onnx", "ONNX export")
-    raw_dir = Path(tempfile.mkdtemp(prefix=f"{spec.name}.raw.", dir=folder))
-    try:
+    with scratch_folder(folder / spec.name, "raw") as raw_dir:
         raw = raw_dir / "model.onnx"
         with warnings.catch_warnings():  # tracer notes on Python branches: the specs pick the traced sizes for them
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -266,8 +277,6 @@ def _export_torchscript(module, spec: ExportSpec, inputs: dict, opset: int, fold
                 dynamic_axes=spec.dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )  # fmt: skip
         return onnx.load(str(raw))  # loads any external weight files the exporter wrote
-    finally:
-        shutil.rmtree(raw_dir, ignore_errors=True)
 
 
 def _export_dynamo(module, spec: ExportSpec, inputs: dict, opset: int):

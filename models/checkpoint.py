@@ -10,18 +10,18 @@ first use and kept.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint_io import CheckpointError, read_config, weight_files
+from ..files import file_digest
+from .checkpoint_io import CHECKPOINT_REPO, CheckpointError, read_config, weight_files
 from .control_embeddings import ControlEmbeddings, load_control_embeddings
+from .download import DOWNLOAD_DONE, HF_CACHE_DIR, download_checkpoint
 from .image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
 from .transformer import RuyiTransformer3D, TransformerConfig
 from .vae import RuyiVAE
@@ -29,7 +29,7 @@ from .vae_config import VAEConfig
 
 log = logging.getLogger(__name__)
 
-REPO_ID = "IamCreateAI/Ruyi-Mini-7B"
+REPO_ID = CHECKPOINT_REPO
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = PACKAGE_ROOT / "models" / "Ruyi-Mini-7B"
 REQUIRED = ("transformer", "vae", "image_encoder", "scheduler", "embeddings.safetensors")
@@ -43,47 +43,12 @@ HASHED_CONFIGS = {"transformer": ("config.json",), "vae": ("config.json",),
 
 
 def missing_parts(folder: Path) -> list[str]:
-    """The parts of the checkpoint layout that `folder` lacks."""
-    return [name for name in REQUIRED if not (folder / name).exists()]
-
-
-def download_checkpoint(
-    folder: Path, repo_id: str = REPO_ID, progress: Callable[[int, int], None] | None = None
-) -> Path:
-    """Download (or resume) the released checkpoint into `folder`: with huggingface_hub's progress bars, or with
-    `progress(bytes_done, bytes_total)` about every half second, which may raise to stop it (`models.download`)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HTTPError,  # its HTTP library's errors: requests' (< 1.0) or httpx's (offline)
-        LocalEntryNotFoundError,
-    )
-
-    log.info("downloading %s (about 17 GB) into %s", repo_id, folder)
-    try:
-        if progress is None:
-            snapshot_download(repo_id=repo_id, local_dir=str(folder))
-        else:
-            from .download import download_repo
-
-            download_repo(repo_id, folder, progress)
-    except (LocalEntryNotFoundError, HfHubHTTPError, HTTPError, OSError) as exc:
-        raise CheckpointError(
-            f"could not download {repo_id} into {folder} ({exc}). If this machine is offline, download it "
-            f"elsewhere with `hf download {repo_id} --local-dir Ruyi-Mini-7B`, copy the folder here "
-            "and pass --model PATH (or use --model tiny to try the pipeline with a small random model)."
-        ) from exc
-    return folder
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; cached per (path, size, mtime) for the process, since weights can be many GB."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The parts of the checkpoint layout that `folder` lacks; a download into it that never finished (Ctrl-C,
+    a lost connection) counts as missing too, so the next run resumes it."""
+    missing = [name for name in REQUIRED if not (folder / name).exists()]
+    if (folder / HF_CACHE_DIR).is_dir() and not (folder / DOWNLOAD_DONE).is_file():
+        missing.append("the rest of an interrupted download")
+    return missing
 
 
 @dataclass(frozen=True)
@@ -207,8 +172,7 @@ class Checkpoint:
                 files.append(path)
             digest = hashlib.sha256()
             for path in files + weight_files(folder):
-                stat = path.stat()
-                digest.update(f"{path.name}:{_file_digest(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+                digest.update(f"{path.name}:{file_digest(path)}\n".encode())
             self._hashes[part] = "sha256:" + digest.hexdigest()
         return self._hashes[part]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..files import atomic_write
@@ -26,6 +26,12 @@ ConfigT = TypeVar("ConfigT")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CHECKPOINT_REPO = "IamCreateAI/Ruyi-Mini-7B"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT_HINT = (
+    "Convert it on a machine you trust: python -c \"import torch, safetensors.torch as st; "
+    "st.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
+)
 
 
 class CheckpointError(RuntimeError):
@@ -78,14 +84,36 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a safetensors file (a pickle, truncated, corrupt), or None when it can.
+
+    Only the header is read (safetensors checks that the file covers every tensor); a pickle is recognised by
+    its first bytes and never unpickled, since unpickling runs whatever code the file holds."""
     try:
-        return load_file(str(path))
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc}); check its permissions"
+    if len(head) == 9 and head[8:9] != b"{":  # a safetensors file starts with a u64 header size, then '{'
+        if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1] in range(2, 6)):
+            return ("a PyTorch pickle (.pt/.ckpt/.bin), not safetensors. Pickles can run code when they are "
+                    f"loaded, so ruyi-trt never opens them. {CONVERT_HINT}")  # fmt: skip
+        return "not a safetensors file (its header is missing); use a .safetensors file"
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({exc}). It is probably truncated or corrupt: "
-            "delete it and download the checkpoint again."
-        ) from exc
+        return f"not a readable safetensors file ({exc}); it is probably truncated or corrupt: download it again"
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    problem = safetensors_problem(path)
+    try:
+        if problem is None:
+            return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        problem = f"not a readable safetensors file ({exc}); it is probably truncated or corrupt: download it again"
+    raise CheckpointError(f"{path} is {problem} (the whole checkpoint: huggingface-cli download {CHECKPOINT_REPO}).")
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -104,6 +132,12 @@ def weight_files(folder: str | Path) -> list[Path]:
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES) if folder.is_dir() else []
+        if pickles:
+            raise CheckpointError(
+                f"{folder} holds PyTorch pickle weights ({', '.join(pickles[:3])}), not safetensors. Pickles can run "
+                f"code when they are loaded, so ruyi-trt never opens them. {CONVERT_HINT}"
+            )
         raise CheckpointError(f"no *.safetensors weights in {folder}; the checkpoint is incomplete.")
     return files
 

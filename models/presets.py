@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import atomic_folder, file_lock
 from .checkpoint_io import config_to_dict, save_component
 from .control_embeddings import make_random_control_embeddings, save_control_embeddings
 from .image_encoder import CLIPImageEncoder, build_random_image_encoder
@@ -97,21 +96,14 @@ def write_tiny_checkpoint(folder: str | Path, seed: int = TINY_SEED) -> Path:
 
 
 def tiny_checkpoint_dir(root: Path | None = None, seed: int = TINY_SEED) -> Path:
-    """The tiny checkpoint folder in the cache, built on first use (atomically: temp folder, then rename)."""
+    """The tiny checkpoint folder in the cache, built on first use (atomically, under a lock: a second process
+    waits for the first one's folder)."""
     target = (root or cache_root()) / f"{TINY_VERSION}-seed{seed}"
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write_tiny_checkpoint(tmp, seed)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with file_lock(target):
+        if not (target / "model_index.json").is_file():
+            atomic_folder(target, lambda tmp: write_tiny_checkpoint(tmp, seed), replace=True)
     return target
 
 

@@ -171,6 +171,7 @@ class BlockInputs(NamedTuple):
     num_frames: int
     grid_height: int  # hp
     grid_width: int  # wp
+    frame_index: Tensor | None = None  # [N] frame of each token when hidden holds a slice (sequence parallelism)
 
 
 class PatchEmbed(nn.Module):

@@ -11,6 +11,7 @@ H heads, d head width, L context length.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,10 @@ from .rope import apply_rotary
 
 NORM_EPS = 1e-6
 TEMPORAL_PE_LEN = 512  # frames covered by the temporal sin-cos table
+
+# The self-attention core: (q, k, v) [B, H, N, d] after QK-norm and RoPE -> [B, H, N, d], scale d^-0.5, no mask.
+# None means F.scaled_dot_product_attention; a sequence-parallel runner passes one that sees the whole sequence.
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -49,8 +54,13 @@ class TemporalPositionalEncoding(nn.Module):
         super().__init__()
         self.register_buffer("pe", temporal_table(dim))
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        """x [B, F*S, D] -> x + pe[f] for the frame f of each token."""
+    def forward(self, x: Tensor, num_frames: int, frame_index: Tensor | None = None) -> Tensor:
+        """x [B, F*S, D] -> x + pe[f] for the frame f of each token.
+
+        frame_index [n] (int64): x holds only n tokens of the sequence (a sequence-parallel slice), token i
+        belonging to frame frame_index[i]; None: x holds all F*S tokens, frame-major."""
+        if frame_index is not None:
+            return x + self.pe[0, frame_index]
         batch, tokens, dim = x.shape
         x = x.view(batch, num_frames, tokens // num_frames, dim)  # (B, F, S, D)
         x = x + self.pe[0, :num_frames, None, :]
@@ -74,6 +84,9 @@ class Attention(nn.Module):
     """Multi-head attention with per-head LayerNorm on q and k, RoPE, and no mask.
 
     Self-attention rotates q and k; cross-attention (context_dim given) rotates q only.
+    `attention_fn` is the local attention kernel (an `AttentionFn`): SDPA unless a backend plugs in another one
+    (the FP8 attention of kernels/, runtime/backends/fast_compute.py). A per-call `attend` (sequence
+    parallelism) takes precedence over it.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
@@ -88,6 +101,7 @@ class Attention(nn.Module):
         self.norm_q = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
         self.norm_k = FP32LayerNorm(self.head_dim, eps=NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.attention_fn: AttentionFn = F.scaled_dot_product_attention
 
     def forward(
         self,
@@ -97,8 +111,11 @@ class Attention(nn.Module):
         sin: Tensor,
         enhance_weight: float | None = None,
         num_frames: int = 1,
+        attend: AttentionFn | None = None,
     ) -> Tensor:
         """x [B, N, D], context [B, L, C] (None: x itself), cos/sin [N, d] float32 -> [B, N, D].
+
+        attend replaces F.scaled_dot_product_attention on (q, k, v) after QK-norm and RoPE (see `AttentionFn`).
 
         enhance_weight (self-attention only; None: off): Enhance-A-Video. The output is multiplied by
         `enhance_a_video_score(q, k, num_frames, enhance_weight)`, taken from q and k after the QK LayerNorm
@@ -118,7 +135,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         if self.rotate_keys:
             k = apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d), scale d^-0.5
+        out = (attend or self.attention_fn)(q, k, v)  # (B, H, N, d), scale d^-0.5
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)  # (B, N, D)
         out = self.to_out[0](out)
         if score is not None:
@@ -239,11 +256,16 @@ class TransformerBlock(nn.Module):
         num_frames: int,
         skip: Tensor | None = None,
         enhance_weight: float | None = None,
+        frame_index: Tensor | None = None,
+        attend: AttentionFn | None = None,
     ) -> Tensor:
         """x [B, N, D], temb [B, D], text_states [B, L_text, C], clip_states [B, n_query, C],
         rope_cos/rope_sin [N, d] float32 (already tiled over frames), skip [B, N, D] in skip blocks.
         enhance_weight: Enhance-A-Video on the self-attention output (None: off, the exported default);
-        the torch `BlockRunner` passes it on the steps where it is active."""
+        the torch `BlockRunner` passes it on the steps where it is active.
+        frame_index, attend (sequence parallelism; None: off): x, rope and skip hold a slice of the tokens,
+        frame_index [N] gives each token's frame for the temporal PE, and `attend` runs the self-attention core
+        over the whole sequence (cross-attention, the FFN and the skip fuse are token-local)."""
         # 0. Long skip: x = Linear(LN_fp32(cat[x, skip]))
         if self.has_skip:
             if skip is None:
@@ -252,10 +274,10 @@ class TransformerBlock(nn.Module):
 
         # 1. Temporal sin-cos PE, added in every block when there is more than one frame
         if num_frames != 1 and self.t_embed is not None:
-            x = self.t_embed(x, num_frames)
+            x = self.t_embed(x, num_frames, frame_index)
 
         # 2. Self-attention over all frames and patches (RoPE on q and k)
-        x = x + self.attn1(self.norm1(x, temb), None, rope_cos, rope_sin, enhance_weight, num_frames)
+        x = x + self.attn1(self.norm1(x, temb), None, rope_cos, rope_sin, enhance_weight, num_frames, attend)
 
         # 3. Cross-attention to the text tokens (RoPE on q only)
         x = x + self.attn2(self.norm2(x), text_states, rope_cos, rope_sin)

@@ -20,8 +20,12 @@ the per-chunk callables: `RuyiVAE.encode`/`decode` pass their own, other backend
 `with after_each_chunk(hook):` both loops call `hook()` after every chunk, whichever backend runs them (progress
 and cancel points for the pipeline).
 
-Unsupported (rejected by `VAEConfig` with a ValueError): tiling (`use_tiling*`), global-context blocks, other
-block or attention types, and configs with neither slice nor cache compression. `upcast_vae` has no effect:
+Spatial tiling (`models.vae_tiling`): with `use_tiling` / `use_tiling_encoder` / `use_tiling_decoder` in the
+config, or `enable_tiling(...)` (the memory plan's choice), every chunk whose frame is larger than one tile is
+encoded or decoded tile by tile and blended. A tiled cache-mode decode keeps one causal cache per tile.
+
+Unsupported (rejected by `VAEConfig` with a ValueError): global-context blocks, other block or attention types,
+and configs with neither slice nor cache compression. `upcast_vae` has no effect:
 the caller picks the dtype (the reference's upcast equals loading with dtype=torch.float32).
 """
 
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 from .checkpoint_io import load_into, load_weights, read_config
 from .vae_blocks import Decoder, Encoder, TimePadding
 from .vae_config import VAEConfig
+from .vae_tiling import SpatialTiling, is_tiled, run_tiled
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,9 @@ class RuyiVAE(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv3d(2 * latent, 2 * latent, 1)
         self.post_quant_conv = nn.Conv3d(latent, latent, 1)
+        tiling = SpatialTiling(config.tile_sample_min_size, config.tile_overlap_factor)
+        self.encoder_tiling = tiling if config.use_tiling or config.use_tiling_encoder else None
+        self.decoder_tiling = tiling if config.use_tiling or config.use_tiling_decoder else None
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> RuyiVAE:
@@ -163,6 +171,13 @@ class RuyiVAE(nn.Module):
             model = cls(config)
         return load_into(model, load_weights(folder), source=str(folder), dtype=dtype, device=device)
 
+    def enable_tiling(self, tiling: SpatialTiling | None, encoder: bool = True, decoder: bool = True) -> None:
+        """Tile the encoder and/or the decoder with `tiling` (None turns tiling off for them)."""
+        if encoder:
+            self.encoder_tiling = tiling
+        if decoder:
+            self.decoder_tiling = tiling
+
     @property
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
@@ -174,7 +189,13 @@ class RuyiVAE(nn.Module):
     # 1. Encode -----------------------------------------------------------------------------------------------
     def encode_chunk(self, video: Tensor) -> Tensor:
         """Moments (mean | logvar, unclamped) [B, 2*latent, f', h, w] of one encoder chunk [B, 3, f, H, W]."""
-        return self.quant_conv(self.encoder(video, TimePadding("zeros")))
+
+        def encode(tile: Tensor) -> Tensor:
+            return self.quant_conv(self.encoder(tile, TimePadding("zeros")))
+
+        if self.encoder_tiling is None:
+            return encode(video)
+        return run_tiled(video, encode, self.encoder_tiling, self.config.spatial_factor, 1)
 
     def encode(self, video: Tensor) -> DiagonalGaussian:
         """The posterior of `video` [B, 3, F, H, W] in [-1, 1]; latents are [B, latent, F', H/8, W/8]."""
@@ -190,21 +211,39 @@ class RuyiVAE(nn.Module):
         `one_frame` is the single-latent chunk of an odd latent count: no temporal upsampling, 1 frame out.
         """
         parts = [t for t in (before, latents, after) if t is not None]
-        z = self.post_quant_conv(torch.cat(parts, dim=2) if len(parts) > 1 else latents)
+        z = torch.cat(parts, dim=2) if len(parts) > 1 else latents
         n_before = 0 if before is None else before.shape[2]
         n_after = 0 if after is None else after.shape[2]
-        return self.decoder(z, TimePadding("zeros", upsample_time=not one_frame), n_before, n_after)
+
+        def decode(tile: Tensor) -> Tensor:
+            pad = TimePadding("zeros", upsample_time=not one_frame)
+            return self.decoder(self.post_quant_conv(tile), pad, n_before, n_after)
+
+        if self.decoder_tiling is None:
+            return decode(z)
+        return run_tiled(z, decode, self.decoder_tiling, 1, self.config.spatial_factor)
 
     def decode_chunk_cached(self, latents: Tensor, cache: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """Cache-mode decode of one chunk: (video, new cache). `cache=None` starts a video (replicate padding).
 
         The cache holds one tensor per causal conv of the decoder, in call order: its last 2 input frames.
+        A tiled decode (more than one tile) holds one such list per tile, in tile order.
         """
-        pad = TimePadding("cache", cache_in=None if cache is None else list(cache))
-        video = self.decoder(self.post_quant_conv(latents), pad)
-        if cache is not None and pad.cache_read != len(cache):
-            raise ValueError(f"the decoder cache holds {len(cache)} tensors, the decoder used {pad.cache_read}")
-        return video, pad.cache_out
+        caches: list[list[Tensor]] = []
+
+        def decode(tile: Tensor) -> Tensor:
+            tile_cache = None if cache is None else (cache[len(caches)] if tiled else cache)
+            pad = TimePadding("cache", cache_in=None if tile_cache is None else list(tile_cache))
+            video = self.decoder(self.post_quant_conv(tile), pad)
+            if tile_cache is not None and pad.cache_read != len(tile_cache):
+                raise ValueError(f"the decoder cache holds {len(tile_cache)} tensors, the decoder used {pad.cache_read}")
+            caches.append(pad.cache_out)
+            return video
+
+        tiled = is_tiled(*latents.shape[-2:], self.decoder_tiling, 1, self.config.spatial_factor)
+        if not tiled:
+            return decode(latents), caches[0]
+        return run_tiled(latents, decode, self.decoder_tiling, 1, self.config.spatial_factor), caches
 
     def decode(self, latents: Tensor) -> Tensor:
         """Video [B, 3, F, H*8, W*8] from unscaled latents (divide by scaling_factor first); not clamped."""

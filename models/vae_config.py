@@ -102,10 +102,11 @@ class VAEConfig:
             raise ValueError(
                 "set slice_compression_vae or cache_compression_vae; other chunking modes are not supported"
             )
-        if self.use_tiling or self.use_tiling_encoder or self.use_tiling_decoder:
-            raise ValueError(
-                "use_tiling, use_tiling_encoder and use_tiling_decoder must be false: tiling is not supported"
-            )
+        if self.tile_sample_min_size % self.spatial_factor or self.tile_sample_min_size <= 0:
+            raise ValueError(f"tile_sample_min_size={self.tile_sample_min_size} must be a positive multiple of "
+                             f"the spatial factor {self.spatial_factor}")
+        if not 0.0 <= self.tile_overlap_factor < 1.0:
+            raise ValueError(f"tile_overlap_factor={self.tile_overlap_factor} must be within [0, 1)")
         if any(c % self.norm_num_groups for c in channels):
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block width {list(channels)}")
         if self.mini_batch_encoder < 1 or self.mini_batch_decoder < 1 or self.layers_per_block < 1:
@@ -171,18 +172,22 @@ class VAEConfig:
             chunks.append(DecodeChunk(i, min(i + step, n), "slice", before, after))
         return chunks
 
+    def chunk_latent_frames(self, chunk_frames: int) -> int:
+        """Latent frames that one encoder chunk of `chunk_frames` video frames gives."""
+        t = chunk_frames
+        for _ in range(sum(DOWN_BLOCKS[t] for t in self.down_block_types[:-1])):
+            t = (t + 1) // 2  # stride-2 conv over the chunk zero-padded by one frame each side
+        return t
+
+    def chunk_video_frames(self, chunk: DecodeChunk) -> int:
+        """Video frames that one decoder call gives."""
+        up = 2 ** sum(UP_BLOCKS[t] for t in self.up_block_types[:-1])
+        return (chunk.stop - chunk.start) * (1 if chunk.mode == "one_frame" else up)
+
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames that `encode` gives for `num_frames` video frames."""
-        downs = sum(DOWN_BLOCKS[t] for t in self.down_block_types[:-1])
-        total = 0
-        for start, stop in self.encode_chunks(num_frames):
-            t = stop - start
-            for _ in range(downs):
-                t = (t + 1) // 2  # stride-2 conv over the chunk zero-padded by one frame each side
-            total += t
-        return total
+        return sum(self.chunk_latent_frames(stop - start) for start, stop in self.encode_chunks(num_frames))
 
     def decoded_frames(self, num_latents: int) -> int:
         """Video frames that `decode` gives for `num_latents` latent frames."""
-        up = 2 ** sum(UP_BLOCKS[t] for t in self.up_block_types[:-1])
-        return sum((c.stop - c.start) * (1 if c.mode == "one_frame" else up) for c in self.decode_chunks(num_latents))
+        return sum(self.chunk_video_frames(c) for c in self.decode_chunks(num_latents))

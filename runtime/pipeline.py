@@ -36,6 +36,7 @@ from .conditioning import clip_pixel_values, image_to_video_condition, prepare_m
 from .denoising import denoise_step, sample_posterior, transformer_conditioning
 from .loading import RuntimeOptions, load_components, load_steps, memory_plan, plan_depends_on_video
 from .memory.plan import MemoryPlan
+from .parallel import ParallelContext, ParallelError, join
 from .preview import LatentPreview
 from .request import ImageInput, VideoRequest
 from .stats import RunStats, StageTimer
@@ -79,13 +80,28 @@ class Video:
 class RuyiPipeline:
     """Ruyi image-to-video over a checkpoint and runtime options; see the module docstring."""
 
-    def __init__(self, checkpoint: Checkpoint, options: RuntimeOptions, components: Components | None = None):
-        options.validate()
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        options: RuntimeOptions,
+        components: Components | None = None,
+        embeddings: ControlEmbeddings | None = None,
+    ):
+        """`components`, when given, are ready for `options` (the caller made them); otherwise the options are
+        validated here and the components load on demand (`load`). The control embeddings load from the checkpoint
+        on first use unless given."""
+        if components is None:
+            options.validate()
+        self.parallel: ParallelContext | None = None  # this rank's part of a torchrun job (options.parallel)
+        if options.parallel is not None:
+            options.parallel.check_heads(checkpoint.transformer.num_attention_heads)
+            self.parallel = join(options.parallel, options.device)
+            options = replace(options, device=str(self.parallel.device))
         self.checkpoint, self.options = checkpoint, options
         self._components = components
         self._plan: MemoryPlan | None = None
         self._plan_key: tuple | None = None
-        self._embeddings: ControlEmbeddings | None = None
+        self._embeddings = embeddings
 
     @classmethod
     def from_pretrained(
@@ -96,7 +112,8 @@ class RuyiPipeline:
         (`RuntimeOptions.make`): backend (torch, ort, trt), device (default cuda when visible), dtype (default bf16
         on cuda, fp16 with ort, fp32 on the CPU), memory_mode (auto, full_gpu, normal, low_gpu), vram_budget (GiB),
         offload_steps, fp8 (none, lite, strong, extreme), fp8_storage, teacache (threshold), enhance_a_video
-        (weight), lora (a .safetensors file) and lora_strength."""
+        (weight), lora (a .safetensors file), lora_strength, and the torch backend's compute (none, fp8, int8), scales
+        (a calibrated scales.safetensors or its folder), attention (sdpa, fp8, fp8-full) and fused_kernels."""
         options = RuntimeOptions.make(**options)
         pipe = cls(Checkpoint.resolve(model, download=download), options)
         if not plan_depends_on_video(options):
@@ -216,10 +233,16 @@ class RuyiPipeline:
         progress: bool = True,
         preview: PreviewCallback | None = None,
     ) -> Video:
-        """Make the video `request` describes (see `__call__` for the options)."""
+        """Make the video `request` describes (see `__call__` for the options). Under --parallel every rank calls
+        this and every rank gets the video; only rank 0 shows progress."""
+        if self.options.parallel is not None:
+            self.options.parallel.check_guidance(request.guidance_scale > 1.0)
+        progress = progress and (self.parallel is None or self.parallel.is_main)
         try:
             self.load(request, callback)
             pixels, stats = self.run(request, progress=progress, callback=callback, preview=preview)
+        except ParallelError as exc:
+            raise GenerationError(str(exc)) from exc
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise GenerationError(
                 f"out of memory ({exc}). Try memory_mode auto (with a smaller VRAM budget), low_gpu, offload steps "

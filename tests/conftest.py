@@ -1,4 +1,8 @@
-"""Shared fixtures: the golden folder (RUYI_GOLDEN_DIR), a private artifact cache, the tiny checkpoint, images."""
+"""Shared fixtures: the golden folder (RUYI_GOLDEN_DIR), a private artifact cache, the tiny checkpoint, images.
+
+Without a GPU the Triton kernels run under Triton's interpreter: TRITON_INTERPRET=1 is set here, before any test
+module imports (and so defines) a kernel.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ruyi_trt.testing import gradient_image
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

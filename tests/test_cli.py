@@ -102,5 +102,5 @@ def test_enhance_a_video_option_is_validated(start_png: Path, tmp_path: Path) ->
     result = CliRunner().invoke(main, [*base, "2", "--backend", "ort"])
     assert result.exit_code != 0 and "enhance_a_video" in result.output
     result = CliRunner().invoke(main, [*base, "-1"])
-    assert result.exit_code != 0 and "enhance_a_video" in result.output
+    assert result.exit_code == 2 and "--enhance-a-video" in result.output
     assert not out.exists()

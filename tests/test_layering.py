@@ -19,8 +19,9 @@ LAYERS = {
     "ruyi_trt.calib": 4, "ruyi_trt.engine": 5,
     "ruyi_trt.runtime.memory": 6,
     "ruyi_trt.runtime.backends": 7,
+    "ruyi_trt.runtime.parallel": 7.5,
     "ruyi_trt.runtime": 8,
-    "ruyi_trt.tools": 9, "ruyi_trt.comfyui": 9,
+    "ruyi_trt.tools": 9, "ruyi_trt.comfyui": 9, "ruyi_trt.server": 9,
     "ruyi_trt.cli": 10, "ruyi_trt": 10,
 }  # fmt: skip
 SKIP = {".venv", "tests", "build", "dist", "outputs", "models/Ruyi-Mini-7B"}

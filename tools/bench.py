@@ -7,9 +7,17 @@ For every backend (opened once) and every shape: each requested stage runs `warm
 - vae_encode / vae_decode: one VAE call on a random video / latents of the shape (the pipeline makes two
   encode calls, for the mask and the masked video);
 - denoise: one transformer forward on the CFG batch (2) with random inputs;
-- run: the whole pipeline (encode, `steps` denoising steps, decode) on a synthetic start image.
+- run: the whole pipeline (encode, `steps` denoising steps, decode) on a synthetic start image;
+- block (only when asked for): one full-width transformer block on `block_tokens` tokens, once per backend
+  (tools/bench_models.py), so that every backend has a real-width row even on CPU.
 A failing measurement (out of memory, an unsupported kernel) is recorded with its reason and the rest go on.
 Results are rewritten after every measurement, so a benchmark cut short by a timeout still leaves them.
+
+`--parallel ulysses=N[,ring=M][,cfg=2]` (under `torchrun --nproc-per-node K`): every rank runs the same calls
+with its part of the work (runtime.parallel); rank 0 times them and writes the files, and its rows carry the
+mode and the bytes one rank sends per denoising step (runtime.parallel.cost, from the shapes). Rank 0 also takes
+every stop decision (time budget, max stage seconds) for all ranks, so they stay in step; a failing measurement
+ends a parallel bench instead of being skipped, since the other ranks would wait for it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,11 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.parallel import ParallelConfig, ParallelContext, join
 from .bench_models import (
+    ALL_STAGES,
+    BLOCK_GRID_WIDTH,
+    BLOCK_STAGE,
     DTYPES,
     FULL_RANDOM,
     STAGES,
@@ -57,13 +69,17 @@ class BenchConfig:
     device: str = "cpu"
     time_budget_s: float | None = None
     max_stage_seconds: float | None = None  # stop timing a stage once its timed calls add up to this (>= 1 call)
+    parallel: ParallelConfig | None = None  # under torchrun: one process per rank
+    block_tokens: int = 2048  # tokens of the `block` stage (a multiple of BLOCK_GRID_WIDTH)
 
     def validate(self) -> None:
         if not self.backends:
             raise ValueError("backends: name at least one backend, e.g. torch.")
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in ALL_STAGES]
         if unknown or not self.stages:
-            raise ValueError(f"stages: {unknown or 'none'} given; use some of {STAGES}.")
+            raise ValueError(f"stages: {unknown or 'none'} given; use some of {ALL_STAGES}.")
+        if self.block_tokens < BLOCK_GRID_WIDTH or self.block_tokens % BLOCK_GRID_WIDTH:
+            raise ValueError(f"block_tokens: {self.block_tokens} must be a positive multiple of {BLOCK_GRID_WIDTH}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {tuple(DTYPES)}.")
         for name, value, low in (("steps", self.steps, 1), ("warmup", self.warmup, 0), ("repeat", self.repeat, 1)):
@@ -76,6 +92,8 @@ class BenchConfig:
                 raise ValueError(f"size: {shape.height}x{shape.width} must be positive multiples of 16.")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: cuda was requested but no CUDA GPU is visible; use --device cpu.")
+        if self.parallel is not None and any(b != "torch" for b in self.backends):
+            raise ValueError(f"backends: --parallel runs the torch backend only, not {list(self.backends)}.")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shapes": [asdict(s) for s in self.shapes]}
@@ -103,10 +121,11 @@ def _release(device: torch.device) -> None:
 
 
 def measure(
-    row: Measurement, call, warmup: int, repeat: int, device: torch.device, max_seconds: float | None = None
+    row: Measurement, call, warmup: int, repeat: int, device: torch.device, max_seconds: float | None = None,
+    agree=bool,
 ) -> None:
     """Warm up, then time up to `repeat` calls of `call` into `row` (stopping once they add up to `max_seconds`),
-    with the peak memory of this stage alone."""
+    with the peak memory of this stage alone. `agree` turns this process's stop wish into the job's decision."""
     _release(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -122,7 +141,7 @@ def measure(
             call()
             _synchronize(device)
             row.times_s.append(time.perf_counter() - start)
-            if max_seconds is not None and sum(row.times_s) >= max_seconds:
+            if agree(max_seconds is not None and sum(row.times_s) >= max_seconds):
                 break
     if device.type == "cuda":
         row.peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
@@ -147,8 +166,11 @@ class _Bench:
 
     def __init__(self, config: BenchConfig, out: Path):
         self.config, self.out = config, out
-        self.device = torch.device(config.device)
-        self.model = open_model(config.model, self.device, config.dtype, config.stages)
+        self.context: ParallelContext | None = None
+        if config.parallel is not None:
+            self.context = join(config.parallel, config.device)
+        self.device = self.context.device if self.context else torch.device(config.device)
+        self.model = open_model(config.model, self.device, config.dtype, config.stages, self.context)
         _check_frames(config, self.model.vae_config.mini_batch_encoder)
         full_random = config.model == FULL_RANDOM
         self.statuses = backend_statuses(list(config.backends), full_random, self.device)
@@ -178,7 +200,17 @@ class _Bench:
             )
         return notes
 
+    def agree(self, stop: bool) -> bool:
+        """Rank 0's decision for every rank (a parallel job must make the same calls everywhere)."""
+        if self.context is None:
+            return stop
+        from ..runtime.parallel.comm import from_main
+
+        return bool(from_main(torch.tensor([float(stop)], device=self.device)).item())
+
     def write(self, plot: bool) -> None:
+        if self.context is not None and not self.context.is_main:
+            return
         plot = plot and self.plot_ok
         try:
             write_report(self.results, self.out, plot=plot)
@@ -188,16 +220,33 @@ class _Bench:
             write_report(self.results, self.out, plot=False)
 
     def row(self, backend: str, stage: str, shape: Shape) -> Measurement:
+        if stage == BLOCK_STAGE:  # a one-frame grid of block_tokens patches, BLOCK_GRID_WIDTH wide (16 px each)
+            tokens = self.config.block_tokens
+            rows, p = tokens // BLOCK_GRID_WIDTH, self.model.transformer_config.patch_size
+            latent = (1, rows * p, BLOCK_GRID_WIDTH * p)
+            factor = self.model.vae_config.spatial_factor
+            return Measurement(backend, stage, latent[1] * factor, latent[2] * factor, 1, status="pending",
+                               latent=latent, tokens=tokens)  # fmt: skip
         latent = latent_shape(self.model.vae_config, shape)
         p = self.model.transformer_config.patch_size
-        return Measurement(
-            backend, stage, shape.height, shape.width, shape.frames, status="pending",
-            latent=latent, tokens=latent[0] * (latent[1] // p) * (latent[2] // p),
+        tokens = latent[0] * (latent[1] // p) * (latent[2] // p)
+        row = Measurement(
+            backend, stage, shape.height, shape.width, shape.frames, status="pending", latent=latent, tokens=tokens,
         )  # fmt: skip
+        if self.config.parallel is not None:
+            from ..runtime.memory.model import DTYPE_BYTES
+            from ..runtime.parallel.cost import step_communication
+
+            row.parallel = self.config.parallel.label
+            if stage in ("denoise", "run"):
+                comm = step_communication(self.model.transformer_config, tokens, True, self.config.parallel,
+                                          DTYPE_BYTES[self.config.dtype])  # fmt: skip
+                row.comm_bytes_per_step = comm.total
+        return row
 
     def over_budget(self) -> bool:
         budget = self.config.time_budget_s
-        return budget is not None and time.perf_counter() - self.started > budget
+        return self.agree(budget is not None and time.perf_counter() - self.started > budget)
 
     def bench_backend(self, status: BackendStatus) -> None:
         cfg = self.config
@@ -205,15 +254,19 @@ class _Bench:
             session = self.model.open(status)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot load is recorded; the others still run
             log.warning("%s: could not open (%s)", status.name, exc)
-            for shape in cfg.shapes:
+            for index, shape in enumerate(cfg.shapes):
                 for stage in cfg.stages:
+                    if stage == BLOCK_STAGE and index:
+                        continue
                     row = self.row(status.name, stage, shape)
                     row.status, row.reason = "error", f"could not load: {_reason(exc)}"
                     self.results.measurements.append(row)
             return
         try:
-            for shape in cfg.shapes:
+            for index, shape in enumerate(cfg.shapes):
                 for stage in cfg.stages:
+                    if stage == BLOCK_STAGE and index:  # the block's size does not depend on the shape
+                        continue
                     self.results.measurements.append(self.bench_stage(session, status.name, stage, shape))
                     self.write(plot=False)
         finally:
@@ -231,13 +284,17 @@ class _Bench:
             return row
         log.info("%s %s %s: warm-up %d, repeat %d", backend, stage, shape.label, cfg.warmup, cfg.repeat)
         try:
-            call, flops = stage_call(self.model, session, stage, shape, cfg.steps, cfg.warmup + cfg.repeat)
+            call, flops = stage_call(
+                self.model, session, stage, shape, cfg.steps, cfg.warmup + cfg.repeat, cfg.block_tokens
+            )
             row.flops = flops.to_dict() if flops else None
             row.peak_tflops = self.results.peak["tflops"] if self.results.peak else None
-            measure(row, call, cfg.warmup, cfg.repeat, self.device, cfg.max_stage_seconds)
+            measure(row, call, cfg.warmup, cfg.repeat, self.device, cfg.max_stage_seconds, self.agree)
         except LookupError as exc:
             row.status, row.reason = "unavailable", str(exc)
-        except Exception as exc:  # noqa: BLE001 - OOM or an unsupported kernel: record it, free memory, go on
+        except Exception as exc:  # OOM or an unsupported kernel: record it, free memory, go on (alone)
+            if self.context is not None:
+                raise
             log.warning("%s %s %s failed: %s", backend, stage, shape.label, exc)
             row.status, row.reason, row.times_s = "error", _reason(exc), []
             _release(self.device)

@@ -14,6 +14,7 @@ class DoctorReport:
     versions: dict[str, str | None] = field(default_factory=dict)
     gpus: list[str] = field(default_factory=list)
     backends: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    torch_options: dict[str, tuple[bool, str]] = field(default_factory=dict)  # --compute / --attention / kernels
 
 
 def _version(module: str) -> str | None:
@@ -22,6 +23,16 @@ def _version(module: str) -> str | None:
     except Exception:  # noqa: BLE001 - a broken install (e.g. tensorrt without libnvinfer) counts as absent
         return None
     return str(getattr(mod, "__version__", "unknown"))
+
+
+def _installed_version(distribution: str) -> str | None:
+    """The installed version without importing the package (torchao logs warnings on import without CUDA)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _gpus() -> list[str]:
@@ -66,6 +77,25 @@ def _tensorrt_status(has_gpu: bool) -> tuple[bool, str]:
     return True, "TensorRT engines can be built and run"
 
 
+def _torch_option_statuses(device: str) -> dict[str, tuple[bool, str]]:
+    """The torch backend's 8-bit compute and kernel options on `device` (runtime.backends.fast_compute)."""
+    from ..runtime.backends.fast_compute import FastCompute
+
+    options = {
+        "--compute fp8": FastCompute(compute="fp8"), "--compute int8": FastCompute(compute="int8"),
+        "--attention fp8": FastCompute(attention="fp8"), "--fused-kernels": FastCompute(fused_kernels=True),
+    }  # fmt: skip
+    statuses = {}
+    for name, settings in options.items():
+        reason = settings.unavailable_reason(device)
+        if name == "--compute fp8" and reason is None and device == "cpu":
+            reason, usable = "runs on CPU only as a slow emulation of FP8 (numerically right)", True
+        else:
+            usable = reason is None
+        statuses[name] = (usable, reason or f"on {device}")
+    return statuses
+
+
 def collect_report() -> DoctorReport:
     """Probe the environment without changing anything."""
     import torch
@@ -81,6 +111,8 @@ def collect_report() -> DoctorReport:
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
         "av": _version("av"),
+        "triton": _installed_version("triton"),
+        "torchao": _installed_version("torchao"),
     }
     report.gpus = _gpus()
     has_gpu = bool(report.gpus)
@@ -89,6 +121,7 @@ def collect_report() -> DoctorReport:
         "ort": _onnxruntime_status(),
         "trt": _tensorrt_status(has_gpu),
     }
+    report.torch_options = _torch_option_statuses("cuda" if has_gpu else "cpu")
     return report
 
 
@@ -102,4 +135,8 @@ def format_report(report: DoctorReport) -> str:
     lines += [
         f"  {name:<6} {'usable' if ok else 'unusable'}: {reason}" for name, (ok, reason) in report.backends.items()
     ]
+    if report.torch_options:
+        lines.append("torch backend options:")
+        lines += [f"  {name:<16} {'usable' if ok else 'unusable'}: {reason}"
+                  for name, (ok, reason) in report.torch_options.items()]  # fmt: skip
     return "\n".join(lines)

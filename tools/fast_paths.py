@@ -12,16 +12,22 @@
 | torch-sdpa-math      | ... restricted to the unfused math reference (materializes N x N: small shapes only)         |
 | torch-lowgpu         | block streaming, RuntimeOptions(memory_mode="low_gpu"): block weights visit the GPU one at a |
 |                      | time (slower, about 2 GB of weights resident instead of 14)                                  |
+| torch-int8           | INT8 GEMMs in the blocks' token-wise linears (torchao, dynamic per-token scales); CPU too    |
+| torch-fp8            | FP8 GEMMs in the same linears (torch._scaled_mm, dynamic per-token scales; cc >= 8.9)        |
+| torch-fp8-attn       | self-attention through the Triton FP8 kernel (Q.K^T e4m3, P.V in the run dtype; cc >= 8.9)   |
+| torch-fp8-all        | FP8 GEMMs + FP8 attention with P.V in e4m3 + the fused Triton glue kernels (cc >= 8.9)       |
+| torch-fused          | the fused Triton glue kernels alone (norm1 + shift, QK-norm + RoPE, GELU-tanh; CUDA)         |
 Compilation, graph capture and autotuning happen in the warm-up calls, which are timed separately (warmup_s).
+The 8-bit and kernel paths are runtime.backends.fast_compute.FastCompute settings (`run --compute/--attention`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..models.transformer import RuyiTransformer3D
+from ..runtime.backends.fast_compute import FastCompute, apply_fast_compute
 from ..runtime.backends.protocol import Denoiser
 
 
@@ -36,6 +42,14 @@ class FastPath:
     compile_mode: str | None = None  # torch.compile mode of each block; None: no compilation
     sdpa: str | None = None  # SDPBackend member name
     cuda_graph: bool = False
+    fast_compute: FastCompute = field(default_factory=FastCompute)  # 8-bit GEMMs, FP8 attention, fused kernels
+    cuda_reason: str = ""  # why it needs CUDA, when that is not obvious
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when this path runs on `device`, else why not."""
+        if self.needs_cuda and device.type != "cuda":
+            return f"{self.name} needs --device cuda" + (f" ({self.cuda_reason})" if self.cuda_reason else "")
+        return self.fast_compute.unavailable_reason(device)
 
 
 FAST_PATHS: dict[str, FastPath] = {
@@ -51,14 +65,27 @@ FAST_PATHS: dict[str, FastPath] = {
                  sdpa="EFFICIENT_ATTENTION"),
         FastPath("torch-sdpa-math", "SDPA restricted to the unfused math kernel", False, sdpa="MATH"),
         FastPath("torch-lowgpu", "block streaming (memory_mode low_gpu)", True, memory_mode="low_gpu"),
+        FastPath("torch-int8", "INT8 GEMMs via torchao (dynamic per-token scales)", False,
+                 fast_compute=FastCompute(compute="int8")),
+        FastPath("torch-fp8", "FP8 GEMMs via torch._scaled_mm (dynamic per-token scales)", True,
+                 fast_compute=FastCompute(compute="fp8"),
+                 cuda_reason="FP8 GEMMs need compute capability >= 8.9; on CPU torch._scaled_mm only emulates them"),
+        FastPath("torch-fp8-attn", "self-attention through the Triton FP8 kernel (P.V in the run dtype)", True,
+                 fast_compute=FastCompute(attention="fp8"), cuda_reason="a Triton kernel, FP8 tl.dot: cc >= 8.9"),
+        FastPath("torch-fp8-all", "FP8 GEMMs + FP8 attention (P.V e4m3) + fused Triton glue kernels", True,
+                 fast_compute=FastCompute(compute="fp8", attention="fp8-full", fused_kernels=True),
+                 cuda_reason="FP8 GEMMs and Triton kernels: cc >= 8.9"),
+        FastPath("torch-fused", "fused Triton glue kernels (norm1 + shift, QK-norm + RoPE, GELU-tanh)", True,
+                 fast_compute=FastCompute(fused_kernels=True), cuda_reason="Triton kernels"),
     )
 }  # fmt: skip
 
 
-def _inner_model(denoiser: Denoiser) -> RuyiTransformer3D:
+def _inner_model(denoiser: Denoiser) -> torch.nn.Module:
+    """The torch model a denoiser runs: a RuyiTransformer3D, or anything else with `.blocks` (the bench's block)."""
     model = getattr(denoiser, "model", None)
-    if not isinstance(model, RuyiTransformer3D):
-        raise TypeError(f"{type(denoiser).__name__} holds no torch transformer to compile")
+    if not isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
+        raise TypeError(f"{type(denoiser).__name__} holds no torch transformer blocks to change")
     return model
 
 
@@ -82,6 +109,25 @@ class CompiledBlocks:
     def close(self) -> None:
         for block in self.blocks:
             del block.forward  # the instance attribute; the class's forward shows again
+        self.base.close()
+
+
+class FastComputeDenoiser:
+    """Applies a FastCompute setting (8-bit GEMMs, FP8 attention, fused kernels) to the denoiser's model; `close`
+    undoes it (the model may be shared by other backends)."""
+
+    def __init__(self, base: Denoiser, settings: FastCompute, device: torch.device):
+        self.base = base
+        self.undo = apply_fast_compute(_inner_model(base), settings, device)
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.base(**inputs)
+
+    def start(self, num_calls: int) -> None:
+        self.base.start(num_calls)
+
+    def close(self) -> None:
+        self.undo()
         self.base.close()
 
 
@@ -175,4 +221,6 @@ def wrap_denoiser(path: FastPath, base: Denoiser, device: torch.device, dtype: t
         return SdpaKernel(base, path.sdpa)
     if path.cuda_graph:
         return CudaGraphDenoiser(base, device, dtype)
+    if path.fast_compute.active:
+        return FastComputeDenoiser(base, path.fast_compute, device)
     return base

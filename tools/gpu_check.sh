@@ -4,11 +4,14 @@
 #     OUT=/some/folder bash tools/gpu_check.sh
 # Steps, each with a timeout cut from what is left of BUDGET_S (default 450 s, under 8 minutes in all):
 #   1. environment (nvidia-smi, torch, versions)
-#   2. the GPU-marked tests: pytest -m gpu
+#   2. the GPU-marked tests: pytest -m gpu, then the Triton kernel tests (tests/kernels, on the GPU here)
 #   3. ruyi-trt bench on the full-size random model (denoise stage: one transformer forward on the CFG batch),
-#      512/768 x 24/120 frames, bf16: torch eager, then every fast path (compile, cuDNN/flash/efficient SDPA,
-#      block streaming, CUDA graphs); the bench skips what no longer fits and rewrites its results as it goes
-#   4. python -m ruyi_trt.tools.streaming_check, when that module exists
+#      512/768 x 24/120 frames, bf16: torch eager, FP8 GEMMs, FP8 attention, then every other fast path (compile,
+#      cuDNN/flash/efficient SDPA, block streaming, CUDA graphs); the bench skips what no longer fits and rewrites
+#      its results as it goes
+#   4. python -m ruyi_trt.tools.streaming_check: the memory_check table measured on the card (four stages of the
+#      unconstrained, 24 GiB and 12 GiB plans at 768x768 and 576x1008, 120 frames) and each plan's step time
+#      relative to the unconstrained one; it rewrites its results after every case (STREAMING_S, default 300 s)
 # A step that no longer fits is skipped with a note. Results in $OUT (8 files at most come back):
 #   bench/bench.{json,md,png}, gpu_check.md (summary), gpu_check.log (every step's output), streaming/.
 # The project is used from this tree without installing anything: a link named ruyi_trt on PYTHONPATH.
@@ -60,14 +63,17 @@ if [[ "$CPU_MODE" == 1 ]]; then
         --backends torch,torch-sdpa-math,torch-cudagraph,ort,trt)
 else
     BENCH_ARGS=(--model full-random --device cuda --dtype bf16 --resolution 512,768 --frames 24,120
-        --backends torch,torch-sdpa-cudnn,torch-compile,torch-sdpa-flash,torch-sdpa-efficient,torch-lowgpu,torch-cudagraph,ort,trt)
+        --backends torch,torch-fp8,torch-fp8-attn,torch-sdpa-cudnn,torch-compile,torch-fp8-all,torch-sdpa-flash,torch-sdpa-efficient,torch-lowgpu,torch-cudagraph,ort,trt)
 fi
 HAS_STREAMING=$("$PY" -c 'import importlib.util as u; print(int(u.find_spec("ruyi_trt.tools.streaming_check") is not None))' 2>/dev/null || echo 0)
-STREAMING_RESERVE=$((HAS_STREAMING ? 90 : 0))
+STREAMING_S="${STREAMING_S:-300}"
+STREAMING_RESERVE=$((HAS_STREAMING ? STREAMING_S : 0))
 
 step environment 30 0 bash -c "nvidia-smi || true; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available())'; $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|onnx|onnxruntime|diffusers|transformers|matplotlib|psutil) ' || true"
 
 step "pytest -m gpu" 60 $((STREAMING_RESERVE + 240)) bash -c "cd '$REPO' && $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests; rc=\$?; [ \$rc = 5 ] && echo 'no GPU-marked tests collected' && rc=0; exit \$rc"
+
+step "kernel tests" 60 $((STREAMING_RESERVE + 200)) bash -c "cd '$REPO' && $PY -m pytest -q -p no:cacheprovider tests/kernels"
 
 # The bench stops starting measurements 75 s before its timeout, so one 768x768x120f step in flight can finish.
 step "bench (denoise)" 420 "$STREAMING_RESERVE" bash -c '
@@ -77,7 +83,7 @@ step "bench (denoise)" 420 "$STREAMING_RESERVE" bash -c '
     "$PY" "${BENCH_ARGS[@]}"
 
 if ((HAS_STREAMING)); then
-    step streaming_check 120 0 "$PY" -m ruyi_trt.tools.streaming_check --out "$OUT/streaming"
+    step streaming_check "$STREAMING_S" 0 "$PY" -m ruyi_trt.tools.streaming_check --out "$OUT/streaming"
 else
     echo "| streaming_check | skipped: ruyi_trt.tools.streaming_check does not exist yet | 0 |" >>"$SUMMARY"
 fi

@@ -1,20 +1,19 @@
 """Benchmark results: the record of one measurement, and the JSON, markdown and PNG files written from them.
 
-Every file is written atomically (a temp file in the same folder, then a rename), so a benchmark killed by a
-timeout leaves the previous complete version of each file, never a truncated one.
+Every file is written atomically (files.atomic_write: a temp file in the same folder, fsync, then a rename), so
+a benchmark killed by a timeout leaves the previous complete version of each file, never a truncated one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..deps import require
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,8 @@ class Measurement:
     host_peak_rss_bytes: int | None = None  # the process's peak so far
     flops: dict[str, int] | None = None  # transformer FLOPs of one call (the run: all steps)
     peak_tflops: float | None = None  # the GPU's datasheet dense rate for the run dtype
+    parallel: str | None = None  # the --parallel mode (e.g. "ulysses=2,cfg=2"); None: one process
+    comm_bytes_per_step: int | None = None  # bytes one rank sends per denoising step (runtime.parallel.cost)
 
     @property
     def median_s(self) -> float | None:
@@ -94,25 +95,19 @@ class BenchResults:
         }
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def _mib(value: int | None) -> str:
+    if value is None:
+        return "-"
+    mib = value / 2**20
+    return f"{mib:,.1f}" if mib >= 1 else f"{mib:.2g}"
 
 
 def markdown(results: BenchResults) -> str:
@@ -128,20 +123,32 @@ def markdown(results: BenchResults) -> str:
             "seconds per call (median, min, max); denoise = one transformer forward on the CFG batch (2)."
         ),
         "",
+        "x torch: the `torch` row's median over this row's (same stage and shape, same run), > 1 is faster.",
+        "",
         (
-            "| backend | stage | shape | median s | min s | max s | TFLOP/s | % peak | peak alloc GiB "
-            "| peak reserved GiB | host RSS GiB | status |"
+            "| backend | stage | shape | median s | min s | max s | x torch | TFLOP/s | % peak | peak alloc GiB "
+            "| peak reserved GiB | host RSS GiB | comm MiB/step | status |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    torch_median = {
+        (m.stage, m.height, m.width, m.frames): m.median_s
+        for m in results.measurements if m.backend == "torch" and not m.parallel
+    }  # fmt: skip
     for m in results.measurements:
         d = m.to_dict()
         status = m.status if m.status == "ok" else f"{m.status}: {m.reason}"
         fraction = _fmt(m.peak_fraction * 100, ".1f") if m.peak_fraction is not None else "-"
+        backend = f"{m.backend} --parallel {m.parallel}" if m.parallel else m.backend
+        comm = _mib(m.comm_bytes_per_step)
+        base = torch_median.get((m.stage, m.height, m.width, m.frames))
+        speed = base / m.median_s if base and m.median_s else None
         lines.append(
-            f"| {m.backend} | {m.stage} | {m.height}x{m.width}x{m.frames}f | {_fmt(d['median_s'], '.4f')} "
-            f"| {_fmt(d['min_s'], '.4f')} | {_fmt(d['max_s'], '.4f')} | {_fmt(m.tflops_per_s, '.3g')} | {fraction} "
-            f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.host_rss_bytes)} | {status} |"
+            f"| {backend} | {m.stage} | {m.height}x{m.width}x{m.frames}f | {_fmt(d['median_s'], '.4f')} "
+            f"| {_fmt(d['min_s'], '.4f')} | {_fmt(d['max_s'], '.4f')} | {_fmt(speed, '.2f')} "
+            f"| {_fmt(m.tflops_per_s, '.3g')} | {fraction} "
+            f"| {_gib(m.peak_allocated_bytes)} | {_gib(m.peak_reserved_bytes)} | {_gib(m.host_rss_bytes)} | {comm} "
+            f"| {status} |"
         )
     unavailable = [b for b in results.backends if not b["available"]]
     if unavailable:
@@ -175,7 +182,8 @@ def plot_png(results: BenchResults) -> bytes:
     series: dict[str, list[tuple[int, float]]] = {}
     for m in results.measurements:
         if m.stage == "denoise" and m.median_s is not None:
-            series.setdefault(f"{m.backend} @ {m.height}x{m.width}", []).append((m.frames, m.median_s))
+            label = f"{m.backend} --parallel {m.parallel}" if m.parallel else m.backend
+            series.setdefault(f"{label} @ {m.height}x{m.width}", []).append((m.frames, m.median_s))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for label, points in sorted(series.items()):
         frames, seconds = zip(*sorted(points))
@@ -199,9 +207,11 @@ def plot_png(results: BenchResults) -> bytes:
 def write_report(results: BenchResults, out: Path, plot: bool = True) -> dict[str, Path]:
     """Write bench.json, bench.md and (with `plot`) bench.png into `out`; returns their paths."""
     paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
-    atomic_write(paths["json"], (json.dumps(results.to_dict(), indent=2, default=str) + "\n").encode())
-    atomic_write(paths["markdown"], markdown(results).encode())
+    text = json.dumps(results.to_dict(), indent=2, default=str) + "\n"
+    atomic_write(paths["json"], lambda tmp: tmp.write_text(text))
+    atomic_write(paths["markdown"], lambda tmp: tmp.write_text(markdown(results)))
     if plot:
         paths["png"] = out / "bench.png"
-        atomic_write(paths["png"], plot_png(results))
+        png = plot_png(results)
+        atomic_write(paths["png"], lambda tmp: tmp.write_bytes(png))
     return paths

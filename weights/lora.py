@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..models.checkpoint_io import safetensors_problem
+
 log = logging.getLogger(__name__)
 
 TRANSFORMER_PREFIX = "lora_unet_"
@@ -132,15 +134,25 @@ def _apply(model: nn.Module, lora_state: Mapping[str, torch.Tensor], strength: f
     return [update.module_name for update in updates]
 
 
-def load_lora(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a LoRA `.safetensors` file onto the CPU (the reference reads only safetensors)."""
+def check_lora_file(path: str | Path) -> Path:
+    """`path` when it is a readable LoRA safetensors file (header checked, nothing loaded), else ValueError saying
+    why: missing, a folder, a pickle (never unpickled), truncated or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"lora file {path} does not exist; pass the path of a kohya-style .safetensors LoRA")
+        raise ValueError(f"lora: {path} does not exist or is not a file; pass the path of a kohya-style .safetensors LoRA.")
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise ValueError(f"lora: {path} is {problem}.")
+    return path
+
+
+def load_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a LoRA `.safetensors` file onto the CPU (the reference reads only safetensors; pickles are refused)."""
+    path = check_lora_file(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"lora file {path} is not a readable safetensors file ({exc})") from exc
+        raise ValueError(f"lora: {path} is not a readable safetensors file ({exc}).") from exc
 
 
 def merge_lora(model: nn.Module, lora_state: Mapping[str, torch.Tensor], strength: float = 1.0) -> list[str]:

@@ -1,9 +1,10 @@
 """The torch denoiser that runs the transformer block by block: memory settings and TeaCache live here.
 
 - skip offload (the reference's GPU_offload_steps = k): the long-skip activations, the largest activation
-  cost, go to the host in groups of k as they are produced and come back when a later block pops them.
-- block streaming: the first `resident_blocks` blocks stay on the device, the rest stream through
-  double-buffered device slots (`runtime.streaming.BlockStreamer`).
+  cost, go to page-locked host buffers in groups of k on a copy stream and are prefetched one block before a
+  later block pops them (`runtime.memory.skip_offload`), overlapped with compute.
+- block streaming: the first `resident_blocks` blocks stay on the device, the rest stream from one flat
+  page-locked host buffer per block through double-buffered device slots (`runtime.memory.streaming`).
 - CFG split: a batch of 2 runs its blocks as two batch-1 passes (about half the activation memory).
 - offload between runs (normal mode): the transformer leaves the device after the last call of a run.
 - TeaCache: when the timestep-modulated input of block 0 has changed little since the last computed step,
@@ -13,17 +14,24 @@
   `EnhanceAVideoParameters`).
 None of these change the numbers, except TeaCache (skipped steps), Enhance-A-Video and the CFG split (batch-1
 GEMMs may round differently from batch-2 ones).
+
+Sequence/CFG parallelism (`runtime.parallel.runner`) subclasses the runner through four hooks that are
+identities here: `_local` (this rank's part of the embedded inputs), `_gather` (the whole output back),
+`_relative_change` (TeaCache's change signal over every rank) and `attend` (the self-attention core).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ...models.transformer import BlockInputs, RuyiTransformer3D
+from ...models.transformer_blocks import AttentionFn
+from ..memory.skip_offload import SkipOffload
 from ..memory.streaming import BlockStreamer
 from .protocol import move_inputs
 
@@ -65,8 +73,14 @@ class EnhanceAVideoSettings:
 class _TeaCacheState:
     """Per-run state of TeaCache, following the reference's update rules step by step."""
 
-    def __init__(self, settings: TeaCacheSettings, num_calls: int):
+    def __init__(
+        self,
+        settings: TeaCacheSettings,
+        num_calls: int,
+        relative_change: Callable[[torch.Tensor, torch.Tensor], float],
+    ):
         self.settings, self.num_calls = settings, num_calls
+        self.relative_change = relative_change
         self.start = max(1, settings.skip_start_steps)
         self.end = max(1, settings.skip_end_steps)
         self.count = 0
@@ -83,8 +97,7 @@ class _TeaCacheState:
             self.accumulated = 0.0
             self.previous_modulated = modulated
         elif self.start - 1 < self.count < self.num_calls - self.end and self.previous_modulated is not None:
-            prev = self.previous_modulated
-            change = ((modulated - prev).abs().mean() / prev.abs().mean()).item()
+            change = self.relative_change(modulated, self.previous_modulated)
             self.accumulated += float(self.rescale(change))
             if self.accumulated < self.settings.threshold and self.residual is not None:
                 compute = False
@@ -123,7 +136,9 @@ class BlockRunner:
         self.enhance_a_video = enhance_a_video
         self._num_calls: int | None = None
         self._call = 0
+        self.attend: AttentionFn | None = None  # None: F.scaled_dot_product_attention (see module docstring)
         self.streamer = BlockStreamer(model.blocks, self.device, resident_blocks)
+        self.skips = SkipOffload(self.device, skip_offload_group, model.config.skip_sources, len(model.blocks))
         self._place_rest(self.host if self.offload_between_runs else self.device)
         if self.offload_between_runs:
             self.streamer.to_host()
@@ -133,8 +148,8 @@ class BlockRunner:
         for name, child in self.model.named_children():
             if name != "blocks":
                 child.to(where)
-        for name, param in self.model.named_parameters(recurse=False):
-            param.data = param.data.to(where)
+        for name, param in list(self.model.named_parameters(recurse=False)):
+            self.model._parameters[name] = torch.nn.Parameter(param.detach().to(where), requires_grad=False)
 
     def _to_device(self) -> None:
         if not self.streamer.on_device:
@@ -149,7 +164,7 @@ class BlockRunner:
 
     def start(self, num_calls: int) -> None:
         """Called before a run with the number of denoiser calls to come (resets TeaCache)."""
-        self._state = _TeaCacheState(self.teacache, num_calls) if self.teacache else None
+        self._state = _TeaCacheState(self.teacache, num_calls, self._relative_change) if self.teacache else None
         self._calls_left = num_calls
         self._num_calls, self._call = num_calls, 0
 
@@ -164,7 +179,7 @@ class BlockRunner:
         inputs = move_inputs(inputs, self.device, self.dtype)
         inputs.pop("return_dict", None)
         model = self.model
-        embedded = model.embed(**inputs)
+        embedded = self._local(model.embed(**inputs))
         x_in = embedded.hidden
         enhance = self._enhance_weight()
         compute = True
@@ -176,13 +191,26 @@ class BlockRunner:
                 self._state.residual = x - x_in
         else:
             x = x_in + self._state.residual
-        out = model.unpatchify(model.proj_out(x), embedded.num_frames, embedded.grid_height, embedded.grid_width)
+        x = self._gather(model.proj_out(x))
+        out = model.unpatchify(x, embedded.num_frames, embedded.grid_height, embedded.grid_width)
         if self._calls_left is not None:
             self._calls_left -= 1
             if self._calls_left == 0 and self.offload_between_runs:
                 out = out.to(self.host)
                 self._to_host()
         return out
+
+    def _local(self, embedded: BlockInputs) -> BlockInputs:
+        """The part of the embedded inputs that this process computes: all of it."""
+        return embedded
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The projected output [B, N, p*p*C] of every token from this process's part: it is all of it."""
+        return x
+
+    def _relative_change(self, modulated: torch.Tensor, previous: torch.Tensor) -> float:
+        """TeaCache's change signal: mean |modulated - previous| / mean |previous|."""
+        return ((modulated - previous).abs().mean() / previous.abs().mean()).item()
 
     def _enhance_weight(self) -> float | None:
         """Enhance-A-Video's weight for this call (None: not enhanced); counts the call."""
@@ -197,7 +225,7 @@ class BlockRunner:
         with self.streamer.loaded(0) as block:
             x = embedded.hidden
             if embedded.num_frames != 1 and block.t_embed is not None:
-                x = block.t_embed(x, embedded.num_frames)
+                x = block.t_embed(x, embedded.num_frames, embedded.frame_index)
             return block.norm1(x, embedded.temb)
 
     def _run_batch(self, embedded: BlockInputs, enhance: float | None = None) -> torch.Tensor:
@@ -216,27 +244,19 @@ class BlockRunner:
         return torch.cat(outputs)
 
     def _run_blocks(self, embedded: BlockInputs, enhance: float | None = None) -> torch.Tensor:
-        sources = self.model.config.skip_sources
-        kept = set(sources.values())
-        group = self.skip_offload_group
-        on_device: dict[int, torch.Tensor] = {}
-        on_host: dict[int, torch.Tensor] = {}
+        skips = self.skips.start_pass()
         x = embedded.hidden
         for i, block in self.streamer:
-            skip = None
-            if i in sources:
-                j = sources[i]
-                skip = on_device.pop(j) if j in on_device else on_host.pop(j).to(self.device, non_blocking=True)
+            skip = skips.before(i)
             x = block(
                 x, embedded.temb, embedded.text_states, embedded.clip_states,
-                embedded.rope_cos, embedded.rope_sin, embedded.num_frames, skip, enhance,
+                embedded.rope_cos, embedded.rope_sin, embedded.num_frames, skip, enhance, embedded.frame_index,
+                self.attend,
             )  # fmt: skip
-            if i in kept:
-                on_device[i] = x
-                if group and len(on_device) >= group:
-                    on_host.update({k: v.to(self.host) for k, v in on_device.items()})
-                    on_device.clear()
+            del skip  # the block has consumed it: do not keep it alive through the next block
+            skips.after(i, x)
         return x
 
     def close(self) -> None:
         self._to_host()
+        self.skips.close()

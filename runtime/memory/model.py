@@ -8,8 +8,9 @@
   the rotated copy, plus three fp32 RoPE temporaries), the FFN (norm3 output, inner and GELU output,
   b*N*Dff each), or the skip fuse (cat[x, skip], its fp32 copy and fp32 LayerNorm output). SDPA runs as
   flash/memory-efficient attention, so no N x N matrix is counted.
-- VAE decode per temporal chunk: the largest decoder tensor (the last up block's input, at full
-  resolution over one chunk's frames) times a resnet's live set, plus fp32 copies of the decoded video.
+- VAE encode/decode: the largest tensor of one chunk (the first down block's / last up block's width at
+  full resolution over one chunk's frames, or over one spatial tile) times a measured live set, plus the
+  video tensors the pipeline's decode stage keeps (fp32 copies during the seam smoothing).
 These are estimates of `torch.cuda.max_memory_allocated`; tools/streaming_check.py prints them beside
 measured peaks so the coefficients can be checked on a GPU.
 """
@@ -24,6 +25,7 @@ import torch
 
 from ...models.transformer import TransformerConfig
 from ...models.vae_config import VAEConfig
+from .host import FLAT_ALIGN
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -31,8 +33,11 @@ FP8_BYTES = 1
 TEMPORAL_PE_LEN = 512  # rows of each block's t_embed.pe buffer
 SINUSOID_DIM = 256  # timestep/meta sinusoid width
 META_VALUES = 6  # image_meta_size entries
-VAE_RESNET_LIVE = 4  # live tensors of one decoder resnet, in units of its input (input, norm, act, padded)
-VIDEO_FP32_COPIES = 4  # decoded video in float32: decode output, clamp, seam-smoothing clone and average
+# Live set of a VAE call in units of its largest tensor, measured with tools/memory_check (fake CUDA, the full VAE,
+# bf16, 384/512 px tiles and untiled at 768x768 and 576x1008: 3.63-3.74 decode, 6.27-6.33 encode).
+VAE_DECODE_LIVE = 3.75
+VAE_ENCODE_LIVE = 6.35
+VIDEO_FP32_COPIES = 5  # seam-smoothing blend: old video, re-decoded frames, the clone and two temporaries
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,14 @@ def transformer_weights(cfg: TransformerConfig, dtype_bytes: int, fp8: str = "no
     )
 
 
+def flat_block_bytes(cfg: TransformerConfig, weights: TransformerWeights, index: int) -> int:
+    """At most the bytes of block `index`'s flat host buffer: its weights plus each tensor's alignment padding
+    (`runtime.memory.streaming.FlatLayout`; every inventory item counted as weight and bias)."""
+    items = _block_inventory(cfg, index in weights.skip_blocks)
+    tensors = 2 * len(items) + (1 if cfg.time_position_encoding else 0)
+    return weights.block(index) + FLAT_ALIGN * tensors
+
+
 @functools.lru_cache(maxsize=8)
 def _vae_parameters(cfg: VAEConfig) -> int:
     from ...models.vae import RuyiVAE
@@ -199,19 +212,53 @@ def conditioning_bytes(cfg: TransformerConfig, batch: int, call: CallShape, late
     return (text + clip + raw + latents + batch * cfg.inner_dim) * dtype_bytes + rope
 
 
-def vae_decode_bytes(cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int) -> int:
-    """Working set of the VAE decode of one temporal chunk (plus the decoded video) at height x width."""
+def _tile_extent(size: int, tile: int | None) -> int:
+    return size if tile is None else min(size, tile)
+
+
+def vae_decode_call_bytes(
+    cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int, tile: int | None = None
+) -> int:
+    """One `RuyiVAE.decode` of a whole video: the largest chunk tensor (the last up block's input, one chunk's
+    frames, one tile) times the measured live set, the decoded video, and the fp32 blend accumulators of a
+    tiled chunk."""
     chunk_frames = cfg.mini_batch_decoder * cfg.temporal_factor
     channels = cfg.block_out_channels[1] if len(cfg.block_out_channels) > 1 else cfg.block_out_channels[0]
-    largest = channels * chunk_frames * height * width * dtype_bytes
-    video = 3 * frames * height * width
-    return VAE_RESNET_LIVE * largest + video * (2 * dtype_bytes + 4 * VIDEO_FP32_COPIES)
+    th, tw = _tile_extent(height, tile), _tile_extent(width, tile)
+    largest = channels * chunk_frames * th * tw * dtype_bytes
+    blend = 0 if (th, tw) == (height, width) else 2 * 3 * chunk_frames * height * width * 4
+    return int(VAE_DECODE_LIVE * largest) + blend + 3 * frames * height * width * dtype_bytes
 
 
-def vae_encode_bytes(cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int) -> int:
-    """Working set of the VAE encode of one chunk (plus the conditioning video on the device)."""
-    largest = cfg.block_out_channels[0] * cfg.mini_batch_encoder * height * width * dtype_bytes
-    return VAE_RESNET_LIVE * largest + 2 * 3 * frames * height * width * dtype_bytes
+def vae_encode_call_bytes(
+    cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int, tile: int | None = None
+) -> int:
+    """One `RuyiVAE.encode` of a whole video on the device: its largest chunk tensor (the first down block's
+    width over one encoder chunk, one tile) times the measured live set, plus the input video."""
+    th, tw = _tile_extent(height, tile), _tile_extent(width, tile)
+    largest = cfg.block_out_channels[0] * cfg.mini_batch_encoder * th * tw * dtype_bytes
+    return int(VAE_ENCODE_LIVE * largest) + 3 * frames * height * width * dtype_bytes
+
+
+def vae_decode_bytes(
+    cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int, tile: int | None = None
+) -> int:
+    """The pipeline's decode stage (`RuyiPipeline.decode_latents`): the decode call, then in slice mode the seam
+    smoothing, which keeps the fp32 video while it re-encodes and re-decodes the middle frames and then blends
+    (old video, re-decoded frames, the clone and two temporaries: 5 fp32 copies at once)."""
+    pixels = 3 * frames * height * width
+    call = vae_decode_call_bytes(cfg, height, width, frames, dtype_bytes, tile)
+    if cfg.cache_compression_vae:  # no seam smoothing: the bf16 output, its fp32 copy and the clamped copy
+        return max(call, pixels * (dtype_bytes + 2 * 4))
+    encode = vae_encode_call_bytes(cfg, height, width, frames, dtype_bytes, tile)
+    return max(call, 4 * pixels + encode, 4 * pixels + call, VIDEO_FP32_COPIES * 4 * pixels)
+
+
+def vae_encode_bytes(
+    cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int, tile: int | None = None
+) -> int:
+    """The pipeline's encode stage: one encode call of the conditioning video (the posterior sample is small)."""
+    return vae_encode_call_bytes(cfg, height, width, frames, dtype_bytes, tile)
 
 
 def clip_activation_bytes(clip: ClipSpec, dtype_bytes: int) -> int:
@@ -242,11 +289,14 @@ __all__ = [
     "clip_activation_bytes",
     "clip_weight_bytes",
     "conditioning_bytes",
+    "flat_block_bytes",
     "gib",
     "hidden_bytes",
     "step_flops",
     "transformer_weights",
     "vae_decode_bytes",
+    "vae_decode_call_bytes",
     "vae_encode_bytes",
+    "vae_encode_call_bytes",
     "vae_weight_bytes",
 ]  # fmt: skip

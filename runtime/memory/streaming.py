@@ -1,12 +1,14 @@
 """Block streaming for the torch backend: run a list of transformer blocks with only some of them resident.
 
-The first `resident_blocks` blocks live on the device. The others live on the host (pinned when CUDA is
-available) and are copied, one block ahead, into preallocated device slots: two slots per block signature
-(plain blocks and long-skip blocks have different parameter sets), each a device copy of a block module
-whose tensors are overwritten in place with `copy_(non_blocking=True)` on a side CUDA stream. Events order
-the copy after the slot's previous compute and the compute after the copy, so block i+1 loads while block
-i runs, with no allocation per step. On the CPU the same executor runs with plain copies, which is how it
-is tested. Streaming changes no numbers: the slot runs the same module code on the same weights.
+The first `resident_blocks` blocks live on the device. Every other block lives on the host in ONE flat
+buffer (page-locked with `runtime.memory.host.PinnedBuffer` when the device is CUDA: no per-tensor pinning,
+no power-of-two rounding), its parameters and buffers being views into it (`FlatLayout`). Blocks are copied,
+one block ahead, into preallocated device slots: two slots per block signature (plain blocks and long-skip
+blocks have different parameter sets), each a device copy of a block module whose tensors are views into one
+flat device buffer, so a load is a single `copy_(non_blocking=True)` on a side CUDA stream. Events order the
+copy after the slot's previous compute and the compute after the copy, so block i+1 loads while block i
+runs, with no allocation per step. On the CPU the same executor runs with plain copies, which is how it is
+tested. Streaming changes no numbers: the slot runs the same module code on the same weights.
 """
 
 from __future__ import annotations
@@ -20,12 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .host import FLAT_ALIGN, PinnedBuffer
+
 log = logging.getLogger(__name__)
-
-
-def state_tensors(module: nn.Module) -> list[Tensor]:
-    """Every parameter and buffer of `module`, in a fixed order (the same for two modules of one structure)."""
-    return [p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()]
 
 
 def signature(module: nn.Module) -> tuple:
@@ -34,25 +33,70 @@ def signature(module: nn.Module) -> tuple:
     return tuple((name, tuple(t.shape), t.dtype) for name, t in named)
 
 
-def pin_module_(module: nn.Module) -> nn.Module:
-    """Move `module`'s tensors into page-locked host memory (for asynchronous host-to-device copies)."""
-    for param in module.parameters():
-        param.data = param.data.pin_memory()
-    for sub in module.modules():
-        for name, buf in sub._buffers.items():
-            if buf is not None:
-                sub._buffers[name] = buf.pin_memory()
-    return module
+@dataclass(frozen=True)
+class _Entry:
+    owner: str  # dotted name of the submodule
+    name: str  # attribute in its _parameters or _buffers
+    is_param: bool
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+
+class FlatLayout:
+    """Where each parameter and buffer of a module structure sits in one flat uint8 buffer."""
+
+    def __init__(self, module: nn.Module):
+        entries, offset = [], 0
+        for is_param, named in ((True, module.named_parameters()), (False, module.named_buffers())):
+            for full, tensor in named:
+                owner, _, name = full.rpartition(".")
+                nbytes = tensor.numel() * tensor.element_size()
+                entries.append(_Entry(owner, name, is_param, offset, tuple(tensor.shape), tensor.dtype, nbytes))
+                offset += -(-nbytes // FLAT_ALIGN) * FLAT_ALIGN
+        self.entries, self.nbytes = entries, offset
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in self.entries]
+
+    def pack(self, module: nn.Module, flat: Tensor) -> None:
+        """Copy `module`'s tensors into `flat`, then make them views of it (their old memory is released)."""
+        for entry, view in zip(self.entries, self.views(flat), strict=True):
+            view.copy_(self._get(module, entry))
+        self.bind(module, flat)
+
+    def bind(self, module: nn.Module, flat: Tensor) -> None:
+        """Point `module`'s tensors at `flat` (contents as they are)."""
+        for entry, view in zip(self.entries, self.views(flat), strict=True):
+            owner = module.get_submodule(entry.owner)
+            if entry.is_param:  # a new Parameter rather than `.data =`, which cannot change a fake tensor's device
+                owner._parameters[entry.name] = nn.Parameter(view, requires_grad=False)
+            else:
+                owner._buffers[entry.name] = view
+
+    @staticmethod
+    def _get(module: nn.Module, entry: _Entry) -> Tensor:
+        owner = module.get_submodule(entry.owner)
+        return (owner._parameters if entry.is_param else owner._buffers)[entry.name].detach()
 
 
 @dataclass
 class _Slot:
-    """A device copy of one block structure; `holds` is the index of the block whose weights it has."""
+    """A device copy of one block structure over one flat buffer; `holds` is the block whose weights it has."""
 
     module: nn.Module
+    layout: FlatLayout
+    flat: Tensor
     holds: int | None = None
     ready: torch.cuda.Event | None = None  # recorded on the copy stream after the last load
     free: torch.cuda.Event | None = None  # recorded on the compute stream after the last use
+
+    def place(self, where: torch.device) -> None:
+        """Give the slot a flat buffer on `where` (meta frees it: a slot's contents are reloaded before use)."""
+        self.flat = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=where)
+        self.layout.bind(self.module, self.flat)
+        self.holds = None
 
 
 class BlockStreamer:
@@ -70,30 +114,46 @@ class BlockStreamer:
         self.cuda = self.device.type == "cuda"
         self.loads = 0  # block weight sets copied into slots so far
         self.on_device = True
-        pin = self.cuda and torch.cuda.is_available()  # page-locked memory only helps copies to a CUDA device
-        for i in self.streamed:
-            self.blocks[i].to(self.host)
-            if pin:
-                pin_module_(self.blocks[i])
         self.slot_of: dict[int, _Slot] = {}
         self.slots: list[_Slot] = []
         by_signature: dict[tuple, list[int]] = {}
         for i in self.streamed:
+            self.blocks[i].to(self.host)
             by_signature.setdefault(signature(self.blocks[i]), []).append(i)
+        self.host_flat: dict[int, Tensor] = {}
+        self._pinned: list[PinnedBuffer] = []  # owners of the page-locked host buffers (CUDA devices only)
         for members in by_signature.values():
-            group = [self._new_slot(self.blocks[members[0]]) for _ in range(min(2, len(members)))]
+            layout = FlatLayout(self.blocks[members[0]])
+            group = [self._new_slot(self.blocks[members[0]], layout) for _ in range(min(2, len(members)))]
             self.slots += group
             for n, i in enumerate(members):  # alternate, so consecutive blocks of one type use different slots
                 self.slot_of[i] = group[n % len(group)]
+                self.host_flat[i] = self._host_buffer(layout.nbytes)
+                layout.pack(self.blocks[i], self.host_flat[i])
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._place(self.device)
-        log.info("block streaming: %d resident, %d streamed through %d device slots",
-                 len(self.resident), len(self.streamed), len(self.slots))
+        log.info("block streaming: %d resident, %d streamed (%.2f GiB of %s host buffers) through %d device slots",
+                 len(self.resident), len(self.streamed), self.host_bytes / 2**30,
+                 "page-locked" if self._pinned else "pageable", len(self.slots))  # fmt: skip
 
-    def _new_slot(self, template: nn.Module) -> _Slot:
-        module = copy.deepcopy(template).to(self.device)
+    def _host_buffer(self, nbytes: int) -> Tensor:
+        """A block's flat host buffer: page-locked for a CUDA device (asynchronous copies), else plain memory."""
+        if not self.cuda:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.host)
+        self._pinned.append(PinnedBuffer(nbytes))
+        return self._pinned[-1].tensor
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the streamed blocks' host buffers."""
+        return sum(flat.numel() for flat in self.host_flat.values())
+
+    def _new_slot(self, template: nn.Module, layout: FlatLayout) -> _Slot:
+        module = copy.deepcopy(template)
         events = (torch.cuda.Event(), torch.cuda.Event()) if self.cuda else (None, None)
-        return _Slot(module, None, *events)
+        flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        layout.pack(module, flat)
+        return _Slot(module, layout, flat, None, *events)
 
     @property
     def device_weight_sets(self) -> int:
@@ -104,9 +164,9 @@ class BlockStreamer:
     def _place(self, where: torch.device) -> None:
         for i in self.resident:
             self.blocks[i].to(where)
-        for slot in self.slots:
-            slot.module.to(where)
-            slot.holds = None
+        if where != self.device or any(slot.flat.device != where for slot in self.slots):
+            for slot in self.slots:  # off the device, a slot needs no memory at all
+                slot.place(where if where == self.device else torch.device("meta"))
         self.on_device = where == self.device
 
     def to_device(self) -> None:
@@ -123,19 +183,16 @@ class BlockStreamer:
         slot = self.slot_of[index]
         if slot.holds == index:
             return
-        sources, targets = state_tensors(self.blocks[index]), state_tensors(slot.module)
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(slot.free)  # the slot's previous block has finished computing
-                for target, source in zip(targets, sources, strict=True):
-                    target.copy_(source, non_blocking=True)
-                    # allocated on the compute stream, written on this one: a free (to_host, or an error that
-                    # leaves a prefetched load unacquired) must not hand the memory out before the copy ends
-                    target.record_stream(self.copy_stream)
+                slot.flat.copy_(self.host_flat[index], non_blocking=True)
+                # allocated on the compute stream, written on this one: a free (to_host, or an error that
+                # leaves a prefetched load unacquired) must not hand the memory out before the copy ends
+                slot.flat.record_stream(self.copy_stream)
                 slot.ready.record(self.copy_stream)
         else:
-            for target, source in zip(targets, sources, strict=True):
-                target.copy_(source)
+            slot.flat.copy_(self.host_flat[index])
         slot.holds = index
         self.loads += 1
 

@@ -129,7 +129,7 @@ def test_cached_chunks_chain_like_decode() -> None:
 def test_config_rejects_unsupported_options() -> None:
     base = VAEConfig.tiny().to_dict()
     for key, value in [
-        ("use_tiling", True),
+        ("tile_overlap_factor", 1.5),  # tiling itself is supported (tests/models/test_vae_tiling.py)
         ("use_gc_blocks", [True] * 4),
         ("mid_block_attention_type", "temporal"),
         ("slice_compression_vae", False),

@@ -13,7 +13,7 @@ from ruyi_trt.models.presets import tiny_transformer
 from ruyi_trt.models.transformer import TransformerConfig
 from ruyi_trt.models.vae_config import VAEConfig
 from ruyi_trt.runtime.memory.model import ClipSpec, GiB, transformer_weights
-from ruyi_trt.runtime.memory.plan import MemoryPlanError, PlanRequest, plan_memory, skip_residency, usable_budget
+from ruyi_trt.runtime.memory.plan import MemoryPlanError, PlanRequest, plan_memory, usable_budget
 from ruyi_trt.weights.fp8_storage import FP8_MODES, store_weights_fp8, weight_bytes
 
 FULL = (TransformerConfig.full(), VAEConfig.full(), ClipSpec())
@@ -21,6 +21,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "example.png"  # 672x
 
 
 def plan(height: int = 576, width: int = 1008, frames: int = 120, **kwargs):
+    kwargs.setdefault("host_ram_bytes", 64 * GiB)  # a typical desktop for a 24 GB card; not this machine's RAM
     return plan_memory(*FULL, PlanRequest(height, width, frames, **kwargs))
 
 
@@ -98,12 +99,62 @@ def test_explicit_modes_and_offload_steps() -> None:
         plan()
 
 
-def test_skip_residency_follows_the_runner_policy() -> None:
-    sources = TransformerConfig.full().skip_sources
-    assert skip_residency(sources, 0) == (19, 0)
-    assert skip_residency(sources, 1) == (1, 19)
-    peak, sent = skip_residency(sources, 5)
-    assert peak == 5 and sent == 15  # 19 = 3 groups of 5 sent + 4 kept
+def test_12_gib_plan_for_768_x_120_is_chosen_automatically() -> None:
+    """Skips on the host, streamed blocks and the CFG split; with a 24 GiB host the page-locked blocks and skips
+    no longer fit the RAM in bf16, and --fp8 auto adds fp8 storage (one chunk of the VAE still fits untiled in
+    12 GiB: tiling starts below that, see the next test)."""
+    for size in ((576, 1008), (768, 768)):
+        roomy = plan(*size, budget_bytes=12 * GiB, fp8="auto")  # a 64 GiB host
+        s = roomy.settings
+        assert roomy.fits and s.fp8 == "none"
+        assert s.offload_models and s.skip_offload_group > 0 and roomy.streamed_blocks > 0 and s.cfg_split
+        small_host = plan(*size, budget_bytes=12 * GiB, fp8="auto", host_ram_bytes=24 * GiB)
+        assert small_host.fits and small_host.settings.fp8 in ("lite", "strong")
+        assert "fp8" in " ".join(small_host.notes)
+    with pytest.raises(MemoryPlanError, match="host memory"):
+        plan(768, 768, budget_bytes=12 * GiB, fp8="none", host_ram_bytes=24 * GiB)
+
+
+def test_24_gib_plan_needs_no_fp8_and_stays_near_full_speed() -> None:
+    chosen = plan(768, 768, budget_bytes=24 * GiB, fp8="auto")
+    assert chosen.fits and chosen.settings.fp8 == "none" and chosen.step_time_ratio < 1.1
+
+
+def test_vae_tiling_only_when_a_chunk_does_not_fit() -> None:
+    assert plan(384, 672, budget_bytes=80 * GiB).settings.vae_tile is None
+    tiled = plan(768, 768, budget_bytes=10 * GiB, fp8="auto")
+    assert tiled.settings.vae_tile is not None and "VAE tiles" in " ".join(tiled.notes)
+    untiled = plan_memory(*FULL, PlanRequest(768, 768, 120, memory_mode="normal", host_ram_bytes=64 * GiB))
+    assert untiled.settings.vae_tile is None
+    assert tiled.stages["vae decode"] < untiled.stages["vae decode"] / 1.5
+
+
+def test_host_memory_model_and_refusals() -> None:
+    low = plan(memory_mode="low_gpu", offload_steps=1, budget_bytes=24 * GiB)
+    weights = transformer_weights(TransformerConfig.full(), 2)
+    assert low.host_bytes["pinned streamed blocks"] >= weights.total - weights.other  # every block, page-rounded
+    assert low.host_bytes["pinned streamed blocks"] < (weights.total - weights.other) * 1.001  # no 2^k rounding
+    assert low.host_pinned_bytes == low.host_bytes["pinned streamed blocks"] + low.host_bytes["pinned long skips"]
+    with pytest.raises(MemoryPlanError, match="host memory.*(--fp8 lite|--vram-budget)"):
+        plan(memory_mode="low_gpu", offload_steps=1, budget_bytes=24 * GiB, host_ram_bytes=16 * GiB)
+    with pytest.raises(MemoryPlanError, match="more RAM"):  # auto: no plan fits both the card and the host
+        plan(768, 768, budget_bytes=12 * GiB, fp8="auto", host_ram_bytes=12 * GiB)
+    roomy = plan(768, 768, budget_bytes=12 * GiB, fp8="auto", host_ram_bytes=128 * GiB)
+    assert roomy.host_fits and roomy.host_total_bytes <= roomy.host_limit_bytes
+
+
+def test_streamer_host_buffers_match_the_plan() -> None:
+    """The planner's page-locked bytes for streamed blocks bound what BlockStreamer allocates (tiny) from above,
+    by less than the tensors' 256-byte alignment and the page rounding."""
+    from ruyi_trt.runtime.memory.streaming import BlockStreamer
+
+    model = tiny_transformer().to(torch.bfloat16)
+    tiny = plan_memory(TransformerConfig.tiny(), VAEConfig.tiny(), ClipSpec(), PlanRequest(
+        64, 96, 16, memory_mode="low_gpu", host_ram_bytes=64 * GiB))  # fmt: skip
+    streamer = BlockStreamer(model.blocks, "cpu", resident_blocks=0)
+    blocks = len(streamer.streamed)
+    slack = tiny.host_bytes["pinned streamed blocks"] - streamer.host_bytes
+    assert 0 <= slack < blocks * (4096 + 256 * 80)
 
 
 def test_cli_plan_only_full_random() -> None:

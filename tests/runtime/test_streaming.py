@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,7 +136,7 @@ class _FakeStream:
 def test_cuda_stream_and_event_order(monkeypatch) -> None:
     """The CUDA path with fake streams and events: a copy into a slot waits for the slot's last compute to be
     released, a block computes only after waiting for its copy, and slot tensors written on the copy stream are
-    recorded on it (so freeing them waits for the copy)."""
+    recorded on it (so freeing them waits for the copy). Each load is one copy of the slot's flat buffer."""
     from contextlib import contextmanager
 
     log: list = []
@@ -145,7 +147,7 @@ def test_cuda_stream_and_event_order(monkeypatch) -> None:
     owner = {}
     for n, slot in enumerate(streamer.slots):
         slot.ready, slot.free = _FakeEvent(log, f"ready{n}"), _FakeEvent(log, f"free{n}")
-        owner.update({id(t): n for t in (list(slot.module.parameters()) + list(slot.module.buffers()))})
+        owner[id(slot.flat)] = n  # one flat device buffer per slot: one copy per load
 
     @contextmanager
     def on_stream(stream):
@@ -190,7 +192,7 @@ def test_cuda_stream_and_event_order(monkeypatch) -> None:
                 in_use[int(event.removeprefix("free"))] = False
     loaded_slots = [int(e[1].removeprefix("ready")) for e in log if e[0] == "record" and e[2] == "copy"]
     assert streamer.loads == len(loaded_slots) > 0
-    assert writes == sum(list(owner.values()).count(n) for n in loaded_slots)
+    assert writes == len(loaded_slots)
 
 
 def test_no_pinning_when_the_device_is_the_cpu(monkeypatch) -> None:
@@ -226,3 +228,75 @@ def test_enhance_a_video_step_rule_and_cfg_split() -> None:
         else:
             torch.testing.assert_close(outs[2][call], outs[0][call])  # split per sample (may round differently)
 
+
+
+def test_streamed_blocks_live_in_one_flat_host_buffer_each() -> None:
+    """Every streamed block's tensors are views of one flat host buffer (no per-tensor allocation, no rounding
+    beyond the 256-byte tensor alignment), and a load is one copy of it."""
+    from ruyi_trt.runtime.memory.streaming import FLAT_ALIGN, FlatLayout
+    from ruyi_trt.weights.fp8_storage import weight_bytes
+
+    model = tiny_transformer()
+    store_weights_fp8(model, "lite", model.config.hidden_size)  # mixed dtypes in one buffer
+    streamer = BlockStreamer(model.blocks, "cpu", resident_blocks=1)
+    for i in streamer.streamed:
+        flat = streamer.host_flat[i]
+        block = model.blocks[i]
+        tensors = list(block.parameters()) + list(block.buffers())
+        assert all(t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for t in tensors)
+        layout = FlatLayout(block)
+        assert flat.numel() == layout.nbytes <= weight_bytes(block) + FLAT_ALIGN * len(tensors)
+    assert streamer.host_bytes == sum(streamer.host_flat[i].numel() for i in streamer.streamed)
+
+
+def test_pinned_buffer_is_page_rounded_and_counted() -> None:
+    from ruyi_trt.runtime.memory.host import PAGE_BYTES, PINNED, PinnedBuffer
+
+    before = PINNED.now
+    buffer = PinnedBuffer(69_206_016 + 1)  # an FFN weight and a byte: one page more, not the next power of two
+    assert buffer.tensor.numel() == 69_206_017 and buffer.nbytes == 69_206_016 + PAGE_BYTES
+    assert PINNED.now - before == buffer.nbytes and not buffer.registered  # no CUDA here: mapped, not registered
+    buffer.close()
+    assert PINNED.now == before
+
+
+def deep_tiny(num_layers: int = 8) -> RuyiTransformer3D:
+    """A tiny transformer with 3 long skips (blocks 5, 6, 7 take the outputs of 2, 1, 0)."""
+    from ruyi_trt.models.checkpoint_io import config_to_dict
+    from ruyi_trt.models.presets import randomize_
+    from ruyi_trt.models.transformer import TransformerConfig, computed_state
+
+    config = dataclasses.replace(TransformerConfig.tiny(), num_layers=num_layers)
+    model = RuyiTransformer3D.from_config(config_to_dict(config))
+    return randomize_(model, 0, keep=set(computed_state(config))).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("group", [0, 1, 2, 3])
+def test_skip_offload_through_host_buffers_is_bit_identical(group: int) -> None:
+    from ruyi_trt.runtime.memory.skip_offload import skip_residency
+
+    model = deep_tiny()
+    inputs = make_inputs(model)
+    with torch.inference_mode():
+        expected = model(**inputs)[0]
+    runner = BlockRunner(model, "cpu", torch.float32, resident_blocks=2, skip_offload_group=group)
+    for _ in range(2):  # the second call reuses the pooled host buffers
+        assert torch.equal(runner(**inputs), expected)
+    counted = skip_residency(model.config.skip_sources, group, 8)
+    assert runner.skips.sent == 2 * counted.sent
+    tokens = 2 * (8 // 2) * (12 // 2)  # make_inputs: 2 frames of 8 x 12 latents in 2 x 2 patches
+    h = inputs["hidden_states"].shape[0] * tokens * model.config.inner_dim * 4  # one skip: [B, tokens, D] fp32
+    assert runner.skips.host_bytes == counted.host_peak * h
+
+
+def test_skip_schedule_counts() -> None:
+    from ruyi_trt.models.transformer import TransformerConfig
+    from ruyi_trt.runtime.memory.skip_offload import SkipResidency, skip_residency, skip_schedule
+
+    sources = TransformerConfig.full().skip_sources
+    assert skip_residency(sources, 0) == SkipResidency(19, 0, 0)
+    assert skip_residency(sources, 1) == SkipResidency(2, 19, 19)  # one in flight + one prefetched at most
+    assert skip_residency(sources, 5) == SkipResidency(5, 15, 15)  # 3 groups of 5 sent, 4 kept
+    steps = skip_schedule(sources, 1, 40)
+    assert steps[20].prefetch == 18 and steps[21].pop == 18 and steps[21].pop_from_host
+    assert steps[0].send == (0,) and not steps[19].keep

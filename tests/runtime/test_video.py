@@ -81,3 +81,14 @@ def test_failed_encode_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(Exception):  # noqa: B017 - whatever PyAV raises for an unknown codec
         write_video(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), tmp_path / "x.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_same_frames_always_encode_to_the_same_bytes(tmp_path):
+    """libx264's default macroblock-tree rate control gives a different bitstream most times for this clip (4 of 5
+    differed when measured); write_video's options must give one."""
+    from ruyi_trt.tools.encode_check import photo_pan
+
+    frames = photo_pan(24, 160, 288)
+    files = {write_video(frames, tmp_path / f"{i}.mp4").read_bytes() for i in range(5)}
+    assert len(files) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.mp4" for i in range(5)]

@@ -99,6 +99,7 @@ def test_full_random_run_stage_is_unavailable_without_building_anything(tmp_path
         ({"dtype": "int8"}, "dtype"),
         ({"shapes": (Shape(60, 64, 8),)}, "multiples of 16"),
         ({"shapes": (Shape(64, 64, 12),)}, "frames"),
+        ({"stages": ("block",), "block_tokens": 100}, "block_tokens"),
     ],
 )
 def test_bad_configs_are_rejected(changes, match, tmp_path: Path, tiny_dir: Path):
