@@ -100,7 +100,7 @@ def _in_model_roots(model: str, roots: list[Path]) -> Path:
         except ValueError:
             continue
     if not places:
-        raise _refuse_outside(model, ", ".join(str(root) for root in roots), "model")
+        raise _refuse_outside(model, " or ".join(str(root) for root in roots), "model")
     if any(place == Path(os.path.normpath(root)) for place in places for root in roots):
         raise ValueError(f"model: {model!r} is not a checkpoint folder name; choose one from the list (folders in "
                          f"{', '.join(str(root) for root in roots)}).")  # fmt: skip

@@ -138,11 +138,12 @@ def test_rerun_reuses_the_loaded_pipeline_and_one_bar_covers_the_job(tiny_dir: P
     start = comfy_images(gradient_image(90, 60))
     nodes.RuyiTRTSampler().sample(spec, start, **SAMPLE_ARGS, unique_id="7")
     loaded = nodes.pipelines()._pipeline
-    # first run: load (3 steps), VAE encode (2 chunks), 2 steps, VAE decode (2 latents: 1 chunk) on one bar
-    assert comfy.updates[0] == ("total", 8) and [v for v, _ in comfy.updates[1:]] == list(range(1, 9))
-    assert [text for _, text in comfy.texts[:4]] == [f"loading the model {i}/3" for i in (1, 2, 3)] + ["VAE encode 1/2"]
+    # first run: load (4 steps: three models, then the runner), VAE encode (2 chunks), 2 steps, VAE decode (2
+    # latents: 1 chunk) on one bar
+    assert comfy.updates[0] == ("total", 9) and [v for v, _ in comfy.updates[1:]] == list(range(1, 10))
+    assert [text for _, text in comfy.texts[:5]] == [f"loading the model {i}/4" for i in (1, 2, 3, 4)] + ["VAE encode 1/2"]
     assert {node for node, _ in comfy.texts} == {"7"} and comfy.texts[-1][1] == "VAE decode 1/1"
-    assert [step for step, _ in comfy.previews] == [6, 7]  # after each denoising step
+    assert [step for step, _ in comfy.previews] == [7, 8]  # after each denoising step
     kind, image, size = comfy.previews[0][1]
     assert (kind, image.size, size) == ("JPEG", (96, 64), 512)
     assert len(comfy.loaded) == 1 and comfy.loaded[0][0].model is loaded  # listed with ComfyUI's model management
@@ -310,9 +311,13 @@ def test_models_and_loras_come_from_comfyui_folders(tiny_dir: Path, comfy, tmp_p
     assert load_tiny(model="theirs").model == str(extra / "theirs")
     with pytest.raises(ValueError, match=r"^model: 'absent' is not a folder in .*extra, .*Ruyi; put the checkpoint"):
         load_tiny(model="absent")
-    for hostile in ("../mine", str(tiny_dir), ".."):
-        with pytest.raises(ValueError, match="is not a folder name"):
+    for hostile in ("../mine", str(tiny_dir), "..", "mine/../../extra"):
+        with pytest.raises(ValueError, match=r"is outside .*extra or .*Ruyi; names with '\.\.' or absolute paths"):
             load_tiny(model=hostile)
+    for folder in ("", ".", str(extra)):
+        with pytest.raises(ValueError, match="is not a checkpoint folder name; choose one from the list"):
+            load_tiny(model=folder)
+    assert load_tiny(model=str(extra / "theirs")).model == str(extra / "theirs")  # an absolute path inside is fine
     with pytest.raises(RuntimeError, match="half-downloaded is not a complete Ruyi checkpoint"):
         load_tiny(model="half-downloaded")
 

@@ -213,10 +213,10 @@ def test_start_and_end_image_video(comfy: Comfy) -> None:
     job = comfy.run(video_prompt())
     assert job.end[0] == "execution_success", job.end
     bar = [(value, total) for node, value, total in job.progress if node == "4"]
-    # one bar over load (3 steps), VAE encode (2 chunks), 2 steps and VAE decode (1 chunk)
-    assert bar[-1] == (8, 8) and [v for v, _ in bar] == sorted(v for v, _ in bar) and bar[0][0] <= 1
+    # one bar over load (4 steps), VAE encode (2 chunks), 2 steps and VAE decode (1 chunk)
+    assert bar[-1] == (9, 9) and [v for v, _ in bar] == sorted(v for v, _ in bar) and bar[0][0] <= 1
     texts = texts_of(job, "4")
-    assert texts[0] == "loading the model 1/3" and "VAE encode 2/2" in texts and "denoising 2/2" in texts
+    assert texts[0] == "loading the model 1/4" and "VAE encode 2/2" in texts and "denoising 2/2" in texts
     assert texts[-1] == "VAE decode 1/1"
     assert len(job.previews) == 2 and all(p[:2] == b"\xff\xd8" for p in job.previews)  # a JPEG after each step
 

@@ -66,7 +66,7 @@ def test_callback_follows_every_stage_with_the_announced_totals(tiny_dir: Path) 
     totals = pipe.progress_totals(request)
     # 16 frames: 2 encoder chunks for each of mask and masked video; 4 latents -> 2 decoder chunks, plus seam
     # smoothing's 8 middle frames (1 encoder chunk, 2 latents -> 1 decoder chunk)
-    assert totals == {"load": 3, "vae_encode": 4, "denoise": 3, "vae_decode": 4}
+    assert totals == {"load": 4, "vae_encode": 4, "denoise": 3, "vae_decode": 4}
     calls = []
     frames = pipe.generate(request, callback=lambda *call: calls.append(call), progress=False).frames
     assert frames.shape[0] == 16
