@@ -10,7 +10,7 @@
 #    image processors do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shared="${RUYI_SHARED:-../shared}"
+shared="$(cd "${RUYI_SHARED:-../shared}" && pwd)"
 venv="${RUYI_COMFYUI_VENV:-.venv-comfyui}"
 bash "$shared/comfyui/make-test-env.sh" "$venv"
 echo "ComfyUI environment: ${SECONDS} s"

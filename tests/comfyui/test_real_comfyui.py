@@ -29,7 +29,7 @@ import pytest
 from ruyi_trt.testing import gradient_image
 
 REPO = Path(__file__).resolve().parents[2]
-SRC = Path(os.environ.get("RUYI_COMFYUI_SRC", REPO.parent / "shared" / "comfyui" / "src"))
+SRC = Path(os.environ.get("RUYI_COMFYUI_SRC", REPO.parent / "shared" / "comfyui" / "src")).resolve()  # ComfyUI runs in its base folder
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 NODE_TYPES = {"RuyiTRTLoadModel", "RuyiTRTLoadLora", "RuyiTRTTeaCache", "RuyiTRTEnhanceAVideo", "RuyiTRTSampler"}
 STARTUP_SECONDS, JOB_SECONDS, LOG_SECONDS = 240, 300, 60
