@@ -14,7 +14,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -160,7 +159,8 @@ class OwnServer:
     """`ruyi-trt serve --model tiny` in a temporary folder on a free 127.0.0.1 port, for the load test."""
 
     def __init__(self, max_queue: int, workers: int):
-        self.folder = Path(tempfile.mkdtemp(prefix="ruyi-loadtest-"))
+        self._scratch = tempfile.TemporaryDirectory(prefix="ruyi-loadtest-", ignore_cleanup_errors=True)  # a scratch folder, not a published file
+        self.folder = Path(self._scratch.name)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -194,7 +194,7 @@ class OwnServer:
         self.log.close()
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._scratch.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

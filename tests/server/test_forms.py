@@ -38,7 +38,7 @@ def test_a_good_submission() -> None:
         ([("resolution", "640")], "resolution", "not supported"),
         ([("size", "65x64")], "size", "multiples of 16"),
         ([("camera", "zoom")], "camera", "unknown"),
-        ([("cfg", "-1")], "cfg", "must not be negative"),
+        ([("cfg", "-1")], "cfg", "outside 0.."),
         ([("scheduler", "PNDM"), ("steps", "2")], "steps", "PNDM needs at least 4"),
         ([("steps", "900")], "steps", "more than"),
         ([("steps", "2"), ("steps", "3")], "steps", "twice"),
