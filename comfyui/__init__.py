@@ -1,4 +1,5 @@
-"""ComfyUI nodes for ruyi-trt: Load Model, Load LoRA and Sampler (Image to Video), under the Ruyi-TRT category.
+"""ComfyUI nodes for ruyi-trt: Load Model, Load LoRA, TeaCache, Enhance-A-Video and Sampler (Image to Video), under
+the Ruyi-TRT category.
 
 Both mapping dicts are built from the one list `nodes.NODES`, so their keys cannot drift. Importing them loads
 no model and imports neither torch, ComfyUI nor TensorRT (see `nodes`).

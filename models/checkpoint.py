@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_write, file_digest
+from ..files import file_digest
 from .checkpoint_io import CHECKPOINT_REPO, CheckpointError, read_config, weight_files
 from .control_embeddings import ControlEmbeddings, load_control_embeddings
+from .download import DOWNLOAD_DONE, HF_CACHE_DIR, download_checkpoint
 from .image_encoder import PREPROCESSOR_NAME, CLIPImageEncoder, vision_geometry
 from .transformer import RuyiTransformer3D, TransformerConfig
 from .vae import RuyiVAE
@@ -32,8 +33,6 @@ REPO_ID = CHECKPOINT_REPO
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = PACKAGE_ROOT / "models" / "Ruyi-Mini-7B"
 REQUIRED = ("transformer", "vae", "image_encoder", "scheduler", "embeddings.safetensors")
-HF_CACHE_DIR = ".cache/huggingface"  # huggingface_hub's bookkeeping (and partial files) in a local_dir download
-DOWNLOAD_DONE = ".cache/ruyi-trt-download-complete"  # written when a download into the folder has finished
 EMBEDDINGS_NAME = "embeddings.safetensors"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 TINY = "tiny"
@@ -50,31 +49,6 @@ def missing_parts(folder: Path) -> list[str]:
     if (folder / HF_CACHE_DIR).is_dir() and not (folder / DOWNLOAD_DONE).is_file():
         missing.append("the rest of an interrupted download")
     return missing
-
-
-def download_checkpoint(folder: Path, repo_id: str = REPO_ID) -> Path:
-    """Download (or resume) the released checkpoint into `folder`, with huggingface_hub's progress bars.
-
-    Files appear under their names only when complete; Ctrl-C keeps the partial ones in `folder/.cache` and the
-    next call resumes them."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    log.info("downloading %s (about 17 GB) into %s", repo_id, folder)
-    try:
-        snapshot_download(repo_id=repo_id, local_dir=str(folder))
-    except KeyboardInterrupt:
-        log.warning("download of %s interrupted; the next run resumes it (partial files in %s)", repo_id,
-                    folder / HF_CACHE_DIR)  # fmt: skip
-        raise
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(
-            f"could not download {repo_id} into {folder} ({exc}). If this machine is offline, download it "
-            f"elsewhere with `huggingface-cli download {repo_id} --local-dir Ruyi-Mini-7B`, copy the folder here "
-            "and pass --model PATH (or use --model tiny to try the pipeline with a small random model)."
-        ) from exc
-    atomic_write(folder / DOWNLOAD_DONE, lambda tmp: tmp.write_text(f"{repo_id}\n"))
-    return folder
 
 
 @dataclass(frozen=True)
@@ -132,7 +106,7 @@ class Checkpoint:
         if absent:
             raise CheckpointError(
                 f"{folder} is not a complete Ruyi checkpoint: missing {', '.join(absent)}. "
-                f"Download it again (huggingface-cli download {REPO_ID} --local-dir {folder})."
+                f"Download it again (`hf download {REPO_ID} --local-dir {folder}`)."
             )
         processor_path = folder / "image_encoder" / PREPROCESSOR_NAME
         if not processor_path.is_file():

@@ -16,7 +16,9 @@ the reference does it:
 The per-chunk computations (`encode_chunk`, `decode_chunk`, `decode_chunk_cached`) take and return plain
 tensors, so one chunk can be exported as a graph. The Python loops over the chunk plans of
 `VAEConfig.encode_chunks` / `VAEConfig.decode_chunks` are `encode_in_chunks` / `decode_in_chunks`, which take
-the per-chunk callables: `RuyiVAE.encode`/`decode` pass their own, other backends pass theirs.
+the per-chunk callables: `RuyiVAE.encode`/`decode` pass their own, other backends pass theirs. Inside
+`with after_each_chunk(hook):` both loops call `hook()` after every chunk, whichever backend runs them (progress
+and cancel points for the pipeline).
 
 Spatial tiling (`models.vae_tiling`): with `use_tiling` / `use_tiling_encoder` / `use_tiling_decoder` in the
 config, or `enable_tiling(...)` (the memory plan's choice), every chunk whose frame is larger than one tile is
@@ -29,7 +31,9 @@ the caller picks the dtype (the reference's upcast equals loading with dtype=tor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +82,33 @@ DecodeChunkFn = Callable[[Tensor, Tensor | None, Tensor | None, bool], Tensor]
 DecodeCachedFn = Callable[[Tensor, list[Tensor] | None], tuple[Tensor, list[Tensor]]]
 
 
+_chunk_hook: ContextVar[Callable[[], None] | None] = ContextVar("ruyi_vae_chunk_hook", default=None)
+
+
+@contextmanager
+def after_each_chunk(hook: Callable[[], None] | None) -> Iterator[None]:
+    """Call `hook()` after every chunk that `encode_in_chunks` / `decode_in_chunks` run in this context (this thread
+    or task only); it may raise to stop. None: no hook."""
+    token = _chunk_hook.set(hook)
+    try:
+        yield
+    finally:
+        _chunk_hook.reset(token)
+
+
+def _chunk_done() -> None:
+    hook = _chunk_hook.get()
+    if hook is not None:
+        hook()
+
+
 def encode_in_chunks(config: VAEConfig, video: Tensor, encode_chunk: Callable[[Tensor], Tensor]) -> Tensor:
     """Moments of `video` [B, 3, F, H, W]: `encode_chunk` on every frame range of the plan, joined on time."""
-    chunks = config.encode_chunks(video.shape[2])
-    return torch.cat([encode_chunk(video[:, :, a:b]) for a, b in chunks], dim=2)
+    moments = []
+    for a, b in config.encode_chunks(video.shape[2]):
+        moments.append(encode_chunk(video[:, :, a:b]))
+        _chunk_done()
+    return torch.cat(moments, dim=2)
 
 
 def decode_in_chunks(
@@ -104,6 +131,7 @@ def decode_in_chunks(
             after = latents[:, :, c.stop : c.stop + c.after] if c.after else None
             video = decode_chunk(chunk, before, after, c.mode == "one_frame")
         frames.append(video)
+        _chunk_done()
     return torch.cat(frames, dim=2)
 
 

@@ -153,17 +153,20 @@ def generates_every_frame(mask: torch.Tensor) -> bool:
 
 
 def clip_pixel_values(clip_image: Image.Image, processor_config: Mapping[str, Any]) -> torch.Tensor:
-    """CLIP input pixels [1, 3, S, S] float32 for `clip_image`, with transformers' `CLIPImageProcessor`.
+    """CLIP input pixels [1, 3, S, S] float32 for `clip_image`, with transformers' PIL-based CLIP image processor.
 
     `processor_config` is the content of the checkpoint's `image_encoder/preprocessor_config.json` (resize the
     shortest edge with PIL bicubic, centre crop, rescale by 1/255, normalise with the CLIP mean and std).
+    transformers >= 5 makes `CLIPImageProcessor` the torchvision-based processor wherever torchvision is installed
+    (every ComfyUI): its bicubic resize differs from PIL's (up to 0.03 after normalisation on the golden image), so
+    the PIL one, `CLIPImageProcessorPil` (what `CLIPImageProcessor` is in 4.x), is asked for by name.
     """
     if not isinstance(clip_image, Image.Image):
         raise TypeError(f"clip_image must be a PIL image, got {type(clip_image).__name__}")
     transformers = require("transformers", "CLIP image preprocessing")
     config = {k: v for k, v in processor_config.items() if k not in ("_processor_class", "image_processor_type")}
     try:
-        processor = transformers.CLIPImageProcessor(**config)
+        processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(**config)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"processor_config is not a valid CLIPImageProcessor config: {exc}") from exc
     pixels = processor(images=clip_image, return_tensors="pt")["pixel_values"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -351,7 +351,7 @@ def memory_plan(
     if budget is None and options.memory_mode == "auto":
         if plan_only:
             raise ValueError("no CUDA GPU is present to plan for: pass --vram-budget GB (e.g. 24) to plan for a card.")
-        log.info("no CUDA GPU and no --vram-budget: running without a memory plan, in host memory")
+        log.info("no CUDA GPU and no VRAM budget: running without a memory plan, in host memory")
         return None
     # 8-bit compute keeps the block linears in 1 byte, as fp8 "strong" storage does (except norm1's adaLN linear,
     # ~0.3 GB at full size in bf16, which it leaves in the run dtype)
@@ -383,20 +383,45 @@ def calibration_folder(checkpoint: Checkpoint, options: RuntimeOptions) -> Path:
     return folder
 
 
-def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: MemoryPlan | None = None) -> Components:
-    """Load the checkpoint's four components for `options.backend`, following `plan` (torch and TensorRT)."""
+def load_steps(options: RuntimeOptions) -> int:
+    """How many steps `load_components` reports through `progress`: on the torch backends one per model
+    (transformer, VAE, CLIP) and one for the weight edits and the block runner; one for ort and trt."""
+    return 1 if options.backend in (*ORT_BACKENDS, "trt") else 4
+
+
+def load_components(
+    checkpoint: Checkpoint,
+    options: RuntimeOptions,
+    plan: MemoryPlan | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Components:
+    """Load the checkpoint's four components for `options.backend`, following `plan` (torch and TensorRT).
+
+    `progress(done, total)` is called after each of the `load_steps(options)` steps; it may raise to stop."""
     options.validate()
+    total, done = load_steps(options), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     if options.backend in ORT_BACKENDS:
         from .backends.ort_backend import ort_components
 
         quantized = None
         if options.backend in QUANTIZED_ORT:
             quantized = (QUANTIZED_ORT[options.backend], calibration_folder(checkpoint, options))
-        return ort_components(checkpoint, options.device, options.dtype, quantized=quantized)  # ORT places its own memory
+        components = ort_components(checkpoint, options.device, options.dtype, quantized=quantized)  # ORT places its own memory
+        step()
+        return components
     if options.backend == "trt":
         from .backends.trt_backend import trt_components
 
-        return trt_components(checkpoint, options.dtype, plan, False, options.loras)
+        components = trt_components(checkpoint, options.dtype, plan, False, options.loras)
+        step()
+        return components
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     memory = replace(options, memory_mode="full_gpu") if options.backend == "aoti" else options  # see validate
     settings = run_settings(memory, checkpoint.transformer.num_layers, plan)
@@ -405,10 +430,15 @@ def load_components(checkpoint: Checkpoint, options: RuntimeOptions, plan: Memor
     load_device = device if (device.type == "cuda" and all_resident) else torch.device("cpu")
     log.info("loading %s (%s) on %s", checkpoint.name, options.dtype, load_device)
     transformer = checkpoint.load_transformer(dtype, load_device)
+    step()
     vae = checkpoint.load_vae(dtype, load_device)
+    step()
     image_encoder = checkpoint.load_image_encoder(dtype, load_device)
+    step()
     scales_hash = checkpoint.weights_hash("transformer") if options.scales and not checkpoint.is_random else None
-    return assemble_torch_components(transformer, vae, image_encoder, options, settings, scales_hash, checkpoint)
+    components = assemble_torch_components(transformer, vae, image_encoder, options, settings, scales_hash, checkpoint)
+    step()
+    return components
 
 
 def assemble_torch_components(

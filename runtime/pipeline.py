@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,15 @@ from ..models.checkpoint import Checkpoint
 from ..models.control_embeddings import DEFAULT_ASPECT, ControlEmbeddings
 from ..models.scheduler import load_scheduler, timesteps_for
 from ..models.transformer import TransformerConfig
+from ..models.vae import after_each_chunk
 from ..models.vae_config import VAEConfig
 from .backends.protocol import Components
 from .conditioning import clip_pixel_values, image_to_video_condition, prepare_mask_and_masked_video
 from .denoising import denoise_step, initial_noise, latent_dtype, sample_posterior, transformer_conditioning
-from .loading import RuntimeOptions, load_components, memory_plan, plan_depends_on_video
+from .loading import RuntimeOptions, load_components, load_steps, memory_plan, plan_depends_on_video
 from .memory.plan import MemoryPlan
 from .parallel import ParallelContext, ParallelError, join
+from .preview import LatentPreview
 from .request import ImageInput, VideoRequest
 from .stats import RunStats, StageTimer
 from .video import to_uint8_frames, write_frames, write_video
@@ -43,8 +46,15 @@ from .video import to_uint8_frames, write_frames, write_video
 log = logging.getLogger(__name__)
 
 FPS = 24
-# callback(stage, done, total): after each denoising step ("denoise"); it may raise to stop the run
+# callback(stage, done, total), in this order: "load" after each loading step (only when the call loads),
+# "vae_encode" after each VAE encoder chunk, "denoise" after each denoising step, "vae_decode" after each VAE chunk
+# of the decode (seam smoothing included); `RuyiPipeline.progress_totals` gives every total up front. It may raise
+# to stop the run.
 ProgressCallback = Callable[[str, int, int], None]
+# preview(step, total, image): after each denoising step, the middle latent frame as a small RGB image (uint8
+# [h, w, 3], one pixel per latent pixel), projected by `runtime.preview.LatentPreview`.
+PreviewCallback = Callable[[int, int, torch.Tensor], None]
+STAGES = ("load", "vae_encode", "denoise", "vae_decode")
 
 
 class GenerationError(RuntimeError):
@@ -146,19 +156,29 @@ class RuyiPipeline:
         return memory_plan(self.checkpoint, self.options, height, width, frames, request.guidance_scale > 1.0,
                            request.steps)  # fmt: skip
 
-    def load(self, request: VideoRequest | None = None) -> Components:
+    def _plan_key_for(self, request: VideoRequest | None) -> tuple | None:
+        if request is None or not plan_depends_on_video(self.options):
+            return None
+        return request.geometry(self.checkpoint.vae.mini_batch_encoder), request.guidance_scale > 1.0
+
+    def needs_load(self, request: VideoRequest | None = None) -> bool:
+        """Whether `load(request)` (and so `generate(request)`) will load the components."""
+        key = self._plan_key_for(request)
+        return self._components is None or (key is not None and key != self._plan_key)
+
+    def load(self, request: VideoRequest | None = None, callback: ProgressCallback | None = None) -> Components:
         """Load the components (planned for `request`'s video when the plan depends on it); a loaded pipeline is
-        kept unless the plan for `request` differs from the one it was loaded with."""
-        key = None
-        if request is not None and plan_depends_on_video(self.options):
-            key = (request.geometry(self.checkpoint.vae.mini_batch_encoder), request.guidance_scale > 1.0)
-        if self._components is not None and (key is None or key == self._plan_key):
+        kept unless the plan for `request` differs from the one it was loaded with. `callback("load", done, total)`
+        follows the loading steps."""
+        if not self.needs_load(request):
             return self._components
+        key = self._plan_key_for(request)
         plan = self.plan(request) if key is not None else None
         self.unload()
         if plan is not None:
             log.info("%s", plan.describe())
-        self._components = load_components(self.checkpoint, self.options, plan)
+        progress = (lambda done, total: callback("load", done, total)) if callback else None
+        self._components = load_components(self.checkpoint, self.options, plan, progress)
         self._plan, self._plan_key = plan, key
         return self._components
 
@@ -198,22 +218,29 @@ class RuyiPipeline:
         noise_device: str = "cpu",
         callback: ProgressCallback | None = None,
         progress: bool = True,
+        preview: PreviewCallback | None = None,
     ) -> Video:
         """Make a video from a start image (a PIL image, a path, or a list of up to 5) and optional end image(s).
 
         frames 1..120 (rounded down to a multiple of 8), resolution 384..1024 in steps of 16 (the aspect bucket of
         the first start image; `size` (height, width) overrides it), camera static/left/right/up/down/auto, motion
         1-4 or auto, cfg <= 1 turns classifier-free guidance off; aspect_ratio is the control embeddings' key (the
-        original's 16:9), noise_device where the seeded noise is drawn (cpu, or cuda as the original)."""
+        original's 16:9), noise_device where the seeded noise is drawn (cpu, or cuda as the original). `callback`
+        follows every stage and `preview` gets a latent preview after each step (see `ProgressCallback` and
+        `PreviewCallback`)."""
         request = VideoRequest.from_inputs(
             image, end_image, frames=frames, resolution=resolution, size=size, camera=camera, motion=motion,
             steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler, clip_apply_ratio=clip_apply_ratio,
             aspect_ratio=aspect_ratio, noise_device=noise_device,
         )  # fmt: skip
-        return self.generate(request, callback=callback, progress=progress)
+        return self.generate(request, callback=callback, progress=progress, preview=preview)
 
     def generate(
-        self, request: VideoRequest, callback: ProgressCallback | None = None, progress: bool = True
+        self,
+        request: VideoRequest,
+        callback: ProgressCallback | None = None,
+        progress: bool = True,
+        preview: PreviewCallback | None = None,
     ) -> Video:
         """Make the video `request` describes (see `__call__` for the options). Under --parallel every rank calls
         this and every rank gets the video; only rank 0 shows progress."""
@@ -221,9 +248,8 @@ class RuyiPipeline:
             self.options.parallel.check_guidance(request.guidance_scale > 1.0)
         progress = progress and (self.parallel is None or self.parallel.is_main)
         try:
-            self.load(request)
-            pixels, stats = self.run(request, progress=progress,
-                                     on_step=(lambda done, total: callback("denoise", done, total)) if callback else None)  # fmt: skip
+            self.load(request, callback)
+            pixels, stats = self.run(request, progress=progress, callback=callback, preview=preview)
         except ParallelError as exc:
             raise GenerationError(str(exc)) from exc
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -232,6 +258,20 @@ class RuyiPipeline:
                 "1, fp8 lite, dtype bf16, or fewer frames / a lower resolution."
             ) from exc
         return Video(to_uint8_frames(pixels), FPS, stats)
+
+    def progress_totals(self, request: VideoRequest) -> dict[str, int]:
+        """How many times `generate(request, callback)` will report each stage, in `STAGES` order (load is 0 when
+        nothing needs loading), so that a host can show one progress bar over the whole job."""
+        vcfg = self.vae_config
+        frames = request.geometry(vcfg.mini_batch_encoder)[2]
+        latents = vcfg.latent_frames(frames)
+        decode = len(vcfg.decode_chunks(latents))
+        if not vcfg.cache_compression_vae and vcfg.decoded_frames(latents) > vcfg.mini_batch_encoder:
+            middle = vcfg.decoded_frames(latents) - vcfg.mini_batch_encoder  # `smooth_seams` re-encodes these
+            decode += len(vcfg.encode_chunks(middle)) + len(vcfg.decode_chunks(vcfg.latent_frames(middle)))
+        steps = len(timesteps_for(load_scheduler(request.scheduler, self.checkpoint.scheduler), request.steps))
+        return {"load": load_steps(self.options) if self.needs_load(request) else 0,
+                "vae_encode": 2 * len(vcfg.encode_chunks(frames)), "denoise": steps, "vae_decode": decode}  # fmt: skip
 
     # -- the stages -------------------------------------------------------------------------------
     @property
@@ -269,12 +309,17 @@ class RuyiPipeline:
 
     @torch.inference_mode()
     def run(
-        self, request: VideoRequest, progress: bool = True, on_step: Callable[[int, int], None] | None = None
+        self,
+        request: VideoRequest,
+        progress: bool = True,
+        callback: ProgressCallback | None = None,
+        preview: PreviewCallback | None = None,
     ) -> tuple[torch.Tensor, RunStats]:
         """The stages for `request` on the loaded components: ([1,3,F,H,W] float32 in [0,1] on the CPU, stats).
 
-        `on_step(done, total)` is called after each denoising step (it may raise to stop the run)."""
+        `callback` follows the encode, denoise and decode stages and `preview` the steps (see `generate`)."""
         comps, tcfg, vcfg = self.components, self.transformer_config, self.vae_config
+        totals = self.progress_totals(request) if callback else {}
         device, dtype = comps.device, comps.dtype
         stats = RunStats(precision=comps.precisions())
         if device.type == "cuda":
@@ -308,7 +353,7 @@ class RuyiPipeline:
         posterior = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(request.seed)
 
         # 4. Conditioning video and mask (known frames = 0), then the inpaint latents
-        with StageTimer(stats, "vae_encode", device):
+        with StageTimer(stats, "vae_encode", device), _count_chunks(callback, "vae_encode", totals.get("vae_encode")):
             input_video, mask, clip_image = image_to_video_condition(
                 list(request.start_images), list(request.end_images) or None, frames, height, width
             )
@@ -316,6 +361,7 @@ class RuyiPipeline:
             mask_latents = self.encode_latents(mask01.repeat(1, 3, 1, 1, 1), posterior)
             masked_latents = self.encode_latents(masked_video, posterior)
             inpaint = torch.cat([mask_latents, masked_latents], dim=1)  # (1, 2*C, T, h, w)
+            previewer = LatentPreview.fit(masked_latents, masked_video, vcfg) if preview else None
 
         # 5. CLIP image tokens of the resized start frame (float32), and every fixed transformer input,
         #    [negative, positive] under CFG
@@ -336,8 +382,10 @@ class RuyiPipeline:
                     comps.denoiser, scheduler, latents, t, inputs, request.guidance_scale, vcfg.latent_channels,
                     step_kwargs,
                 )
-                if on_step is not None:
-                    on_step(i + 1, len(timesteps))
+                if callback is not None:
+                    callback("denoise", i + 1, len(timesteps))
+                if previewer is not None:
+                    preview(i + 1, len(timesteps), previewer.image(latents))
             if not torch.isfinite(latents).all():
                 raise GenerationError(
                     f"the latents became NaN/inf during denoising ({request.scheduler}, {request.steps} steps, "
@@ -345,11 +393,28 @@ class RuyiPipeline:
                 )
 
         # 7. Decode
-        with StageTimer(stats, "vae_decode", device):
+        with StageTimer(stats, "vae_decode", device), _count_chunks(callback, "vae_decode", totals.get("vae_decode")):
             video = self.decode_latents(latents)
         if device.type == "cuda":
             stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
         return video, stats
+
+
+@contextmanager
+def _count_chunks(callback: ProgressCallback | None, stage: str, total: int | None) -> Iterator[None]:
+    """Report `stage` to `callback` after every VAE chunk run inside the block."""
+    if callback is None:
+        yield
+        return
+    done = 0
+
+    def chunk_done() -> None:
+        nonlocal done
+        done += 1
+        callback(stage, done, total)
+
+    with after_each_chunk(chunk_done):
+        yield
 
 
 def load_pipeline(

@@ -6,7 +6,9 @@ module imports (and so defines) a kernel.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The repository root is the ruyi_trt package, and pytest imports the package around the tests from its __init__.py.
+# When the checkout's folder name is not an identifier (custom_nodes/ruyi-trt, as the README installs it) pytest
+# imports that file as a top-level module "__init__", whose relative imports fail before any test runs. The
+# installed ruyi_trt is that same file: give it to pytest under that name.
+_package = importlib.import_module("ruyi_trt")
+if not REPO_ROOT.name.isidentifier() and Path(_package.__file__).resolve() == REPO_ROOT / "__init__.py":
+    sys.modules.setdefault("__init__", _package)
 
 
 @pytest.fixture(scope="session")

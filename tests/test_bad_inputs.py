@@ -161,6 +161,8 @@ def comfy_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> types.Simp
     folder_paths = types.SimpleNamespace(
         models_dir=str(models),
         get_full_path=lambda kind, name: str(loras / name) if (loras / name).is_file() else None,
+        add_model_folder_path=lambda kind, path: None,
+        get_folder_paths=lambda kind: [str(models / kind)],
     )
     monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
     return types.SimpleNamespace(root=tmp_path, models=models, loras=loras)

@@ -8,7 +8,6 @@ atomic engine folder, sidecar) with a stand-in for TensorRT's builder (`build_pl
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
@@ -16,12 +15,12 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub, serving
 
 CLI = str(Path(sys.executable).with_name("ruyi-trt"))
 SMALL_RUN = ["--model", "tiny", "--frames", "8", "--size", "64x96", "--steps", "2", "--no-progress"]
@@ -216,63 +215,6 @@ def test_damaged_engine_folder_is_rebuilt(exported_dir: Path, tmp_path: Path, mo
 
 
 # -- Ctrl-C during the download -----------------------------------------------------------------------------------
-class FakeHub(http.server.ThreadingHTTPServer):
-    """Serves a folder as the Hugging Face repo IamCreateAI/Ruyi-Mini-7B (the API calls snapshot_download makes),
-    `delay` seconds per 32 KiB."""
-
-    daemon_threads = True
-    sha = "0123456789abcdef0123456789abcdef01234567"
-
-    def __init__(self, folder: Path):
-        self.folder, self.delay = folder, 0.0
-        self.files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        super().__init__(("127.0.0.1", 0), FakeHubHandler)
-
-
-class FakeHubHandler(http.server.BaseHTTPRequestHandler):
-    server: FakeHub
-
-    def log_message(self, format, *args) -> None:
-        pass
-
-    def _file(self) -> Path | None:
-        if "/resolve/" not in self.path:
-            return None
-        name = self.path.split("/resolve/", 1)[1].split("/", 1)[1].split("?", 1)[0]
-        return self.server.folder / name if name in self.server.files else None
-
-    def _headers(self, size: int, kind: str = "application/octet-stream") -> None:
-        self.send_response(200)
-        for key, value in (("Content-Length", size), ("Content-Type", kind), ("X-Repo-Commit", self.server.sha),
-                           ("ETag", f'"{size}-{self.path.rsplit("/", 1)[-1]}"')):  # fmt: skip
-            self.send_header(key, str(value))
-        self.end_headers()
-
-    def do_HEAD(self) -> None:
-        path = self._file()
-        if path is None:
-            self.send_error(404)
-            return
-        self._headers(path.stat().st_size)
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/api/models/"):
-            body = json.dumps({"id": "IamCreateAI/Ruyi-Mini-7B", "sha": self.server.sha,
-                               "siblings": [{"rfilename": name} for name in self.server.files]}).encode()  # fmt: skip
-            self._headers(len(body), "application/json")
-            self.wfile.write(body)
-            return
-        path = self._file()
-        if path is None:
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        self._headers(len(data))
-        for offset in range(0, len(data), 1 << 15):
-            self.wfile.write(data[offset : offset + (1 << 15)])
-            time.sleep(self.server.delay)
-
-
 DOWNLOAD_RUN = textwrap.dedent("""
     import sys
     from pathlib import Path
@@ -287,21 +229,16 @@ DOWNLOAD_RUN = textwrap.dedent("""
 
 
 @pytest.fixture()
-def hub(tiny_dir: Path):
-    server = FakeHub(tiny_dir)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def hub(tiny_dir: Path) -> Iterator[FakeHub]:
+    with serving(FakeHub.of_folder("IamCreateAI/Ruyi-Mini-7B", tiny_dir)) as server:
+        yield server
 
 
 def test_ctrl_c_while_downloading_then_resume(hub: FakeHub, tiny_dir: Path, start_png: Path, tmp_path: Path) -> None:
     from ruyi_trt.models.checkpoint import Checkpoint, missing_parts
 
     target, log = tmp_path / "Ruyi-Mini-7B", tmp_path / "log"
-    env = {"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_HUB_DISABLE_XET": "1",
-           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}  # fmt: skip
+    env = {**hub.env(), "HF_HOME": str(tmp_path / "hf")}
     hub.delay = 0.05
     proc = start([sys.executable, "-c", DOWNLOAD_RUN, str(target), "run", "--image", str(start_png), "--out",
                   str(tmp_path / "video.mp4")], log, env)  # fmt: skip

@@ -99,6 +99,6 @@ def test_offline_download_says_how_to_fetch_manually(tmp_path: Path, monkeypatch
         raise LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointError, match="huggingface-cli download IamCreateAI/Ruyi-Mini-7B"):
+    with pytest.raises(CheckpointError, match="hf download IamCreateAI/Ruyi-Mini-7B"):
         download_checkpoint(tmp_path / "Ruyi-Mini-7B")
     assert not (tmp_path / "Ruyi-Mini-7B").exists()

@@ -10,6 +10,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -124,9 +125,18 @@ def test_rotary_embedding_golden(golden: dict):
 
 @pytest.mark.parametrize("height,width,head_dim", [(96, 96, 176), (72, 126, 176), (126, 72, 176), (10, 6, 8)])
 def test_rotary_embedding_matches_diffusers(height, width, head_dim):
+    """The reference ran diffusers 0.31, whose `get_2d_rotary_pos_embed` lays the grid out with
+    np.linspace(start, stop, n, endpoint=False, dtype=float32). diffusers >= 0.32 builds it with
+    torch.linspace(start, stop * (n - 1) / n, n), which is another grid whenever the crop does not start at 0
+    (every non-square latent: up to 1.6 off here) and differs by float32 rounding (2e-6) when it does; so the
+    grid is made here as 0.31 made it, and diffusers' unchanged `get_2d_rotary_pos_embed_from_grid` does the rest."""
     embeddings = pytest.importorskip("diffusers.models.embeddings")
     grid = (height // 2, width // 2)
-    expected = embeddings.get_2d_rotary_pos_embed(head_dim, crop_region(*grid, 32), grid, use_real=True)
+    (top, left), (bottom, right) = crop_region(*grid, 32)
+    rows = np.linspace(top, bottom, grid[0], endpoint=False, dtype=np.float32)
+    columns = np.linspace(left, right, grid[1], endpoint=False, dtype=np.float32)
+    positions = np.stack(np.meshgrid(columns, rows), axis=0).reshape(2, 1, *grid)
+    expected = embeddings.get_2d_rotary_pos_embed_from_grid(head_dim, positions, use_real=True)
     actual = rotary_embedding(height, width, 2, head_dim)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-6)

@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ruyi_trt.models.checkpoint import Checkpoint
 from ruyi_trt.models.control_embeddings import load_control_embeddings
 from ruyi_trt.models.scheduler import load_scheduler, timesteps_for
 from ruyi_trt.models.transformer import RuyiTransformer3D, TransformerConfig
 from ruyi_trt.runtime.backends.torch_backend import TorchBackend
 from ruyi_trt.runtime.denoising import denoise_step, guided_velocity, transformer_conditioning
 from ruyi_trt.runtime.loading import RuntimeOptions
-from ruyi_trt.runtime.pipeline import load_pipeline
+from ruyi_trt.runtime.pipeline import STAGES, RuyiPipeline, load_pipeline
 from ruyi_trt.runtime.request import SCHEDULER_NAMES, VideoRequest
 from ruyi_trt.testing import assert_close_scaled, gradient_image
 
@@ -59,17 +60,49 @@ def test_video_shape_and_range(pipeline) -> None:
     assert set(stats.seconds) == {"vae_encode", "image_encoder", "denoise", "vae_decode"}
 
 
-def test_on_step_is_called_after_each_step_and_may_stop_the_run(pipeline) -> None:
+def test_callback_follows_every_stage_with_the_announced_totals(tiny_dir: Path) -> None:
+    pipe = RuyiPipeline(Checkpoint.resolve(tiny_dir), RuntimeOptions())
+    request = small_request(steps=3)
+    totals = pipe.progress_totals(request)
+    # 16 frames: 2 encoder chunks for each of mask and masked video; 4 latents -> 2 decoder chunks, plus seam
+    # smoothing's 8 middle frames (1 encoder chunk, 2 latents -> 1 decoder chunk)
+    assert totals == {"load": 4, "vae_encode": 4, "denoise": 3, "vae_decode": 4}
     calls = []
+    frames = pipe.generate(request, callback=lambda *call: calls.append(call), progress=False).frames
+    assert frames.shape[0] == 16
+    expected = [(stage, done, total) for stage in STAGES for total in [totals[stage]] for done in range(1, total + 1)]
+    assert calls == expected
+    assert pipe.progress_totals(request)["load"] == 0  # loaded now
 
-    def on_step(done: int, total: int) -> None:
-        calls.append((done, total))
-        if done == 2:
-            raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run(small_request(steps=3), progress=False, on_step=on_step)
-    assert calls == [(1, 3), (2, 3)]
+def test_callback_may_stop_the_run_in_any_stage(pipeline) -> None:
+    recorder = RecordingDenoiser(pipeline.components.denoiser)
+    pipeline.components.denoiser = recorder
+    try:
+        for stop_at in (("vae_encode", 1), ("denoise", 2), ("vae_decode", 1)):
+            calls = []
+
+            def callback(stage: str, done: int, total: int, calls=calls, stop_at=stop_at) -> None:
+                calls.append((stage, done))
+                if (stage, done) == stop_at:
+                    raise KeyboardInterrupt
+
+            recorder.calls.clear()
+            with pytest.raises(KeyboardInterrupt):
+                pipeline.generate(small_request(steps=3), callback=callback, progress=False)
+            assert calls[-1] == stop_at
+            assert len(recorder.calls) == {"vae_encode": 0, "denoise": 2, "vae_decode": 3}[stop_at[0]]
+    finally:
+        pipeline.components.denoiser = recorder.inner
+
+
+def test_preview_after_each_step(pipeline) -> None:
+    previews = []
+    pipeline.generate(small_request(steps=3), progress=False,
+                      preview=lambda step, total, image: previews.append((step, total, image)))  # fmt: skip
+    assert [(step, total) for step, total, _ in previews] == [(1, 3), (2, 3), (3, 3)]
+    for _, _, image in previews:
+        assert image.dtype == torch.uint8 and image.shape == (SMALL[0] // 8, SMALL[1] // 8, 3)
 
 
 def test_same_seed_same_video_other_seed_differs(pipeline) -> None:

@@ -4,11 +4,13 @@ budget); PipelineCache keeps one pipeline per spec and unloads the old one."""
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from ruyi_trt.runtime import pipeline as pipeline_module
+from ruyi_trt.runtime.backends.block_runner import EnhanceAVideoSettings, TeaCacheSettings
 from ruyi_trt.runtime.loading import RuntimeOptions, plan_depends_on_video
 from ruyi_trt.runtime.memory.plan import MemoryPlan
 from ruyi_trt.runtime.request import VideoRequest
@@ -25,7 +27,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list:
     """Replace component loading with stand-ins; the list records (plan, closed-flag holder) per load."""
     made: list = []
 
-    def fake_load(checkpoint, options, plan=None):
+    def fake_load(checkpoint, options, plan=None, progress=None):
         closed = types.SimpleNamespace(value=False)
         made.append((plan, closed))
         return types.SimpleNamespace(close=lambda: setattr(closed, "value", True))
@@ -94,3 +96,20 @@ def test_one_run_reads_each_config_file_once(tiny_dir: Path, monkeypatch: pytest
     pipe(gradient_image(96, 64), frames=8, size=(64, 96), steps=1, progress=False)
     assert sorted(calls) == ["image_encoder/config.json", "image_encoder/preprocessor_config.json",
                              "scheduler/scheduler_config.json", "transformer/config.json", "vae/config.json"]
+
+
+def test_per_step_settings_keep_the_loaded_pipeline(tiny_dir: Path) -> None:
+    cache = PipelineCache()
+    spec = PipelineSpec(str(tiny_dir), RuntimeOptions(teacache_threshold=0.1))
+    pipe = cache.get(spec)
+    pipe.load()
+    retuned = PipelineSpec(spec.model, replace(spec.options, teacache_threshold=0.3, teacache_skip_start=2,
+                                               teacache_skip_end=2, enhance_a_video=2.0,
+                                               enhance_a_video_skip_start=1, enhance_a_video_skip_end=0))  # fmt: skip
+    assert cache.get(retuned) is pipe and pipe.is_loaded and pipe.options == retuned.options
+    assert pipe.components.denoiser.teacache == TeaCacheSettings(0.3, 2, 2)
+    assert pipe.components.denoiser.enhance_a_video == EnhanceAVideoSettings(2.0, 1, 0)
+    teacache_off = PipelineSpec(spec.model, replace(retuned.options, teacache_threshold=None))
+    unloaded = cache.get(teacache_off)
+    assert unloaded is not pipe and not pipe.is_loaded  # the memory plan counts TeaCache: a new pipeline
+    assert cache.get(PipelineSpec(spec.model, replace(teacache_off.options, dtype="bf16"))) is not unloaded
