@@ -53,7 +53,7 @@ class CLIPImageEncoder(nn.Module):
         dtype = tower.embeddings.patch_embedding.weight.dtype
         hidden = layer_norm_fp32(tower.pre_layrnorm, tower.embeddings(pixel_values.to(dtype)))  # (B, 1+N, C) float32
         for layer in tower.encoder.layers:
-            attended, _ = layer.self_attn(layer_norm_fp32(layer.layer_norm1, hidden).to(dtype), None, None)
+            attended = layer.self_attn(layer_norm_fp32(layer.layer_norm1, hidden).to(dtype))[0]  # no masks (4.x and 5.x)
             hidden = hidden + attended
             hidden = hidden + layer.mlp(layer_norm_fp32(layer.layer_norm2, hidden).to(dtype))
         return hidden[:, 1:]  # drop CLS
