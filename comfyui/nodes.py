@@ -195,7 +195,8 @@ class RuyiTRTSampler:
                 "pipeline": (PIPELINE,),
                 "start_image": ("IMAGE", {"tooltip": "A batch of up to 5 images fixes that many leading frames."}),
                 "video_length": _number("INT", 72, 8, MAX_FRAMES, 8, "Frames, a multiple of 8 (others are rounded down)."),
-                "base_resolution": _number("INT", 512, RESOLUTIONS[0], RESOLUTIONS[-1], RESOLUTIONS[1] - RESOLUTIONS[0]),
+                "base_resolution": _choice([str(r) for r in RESOLUTIONS], "512", "The aspect bucket's base: 512 and 768 "
+                                           "as the original; any of 384..1024 in steps of 16."),
                 "seed": _number("INT", 42, 0, 2**64 - 1, 1),
                 "steps": _number("INT", 25, 1, 200, 1),
                 "cfg": _number("FLOAT", 7.0, 1.0, 20.0, 0.01, "1 turns classifier-free guidance off (faster)."),
@@ -212,7 +213,7 @@ class RuyiTRTSampler:
         }  # fmt: skip
 
     @node_errors
-    def sample(self, pipeline: PipelineSpec, start_image: torch.Tensor, video_length: int, base_resolution: int,
+    def sample(self, pipeline: PipelineSpec, start_image: torch.Tensor, video_length: int, base_resolution: str,
                seed: int, steps: int, cfg: float, scheduler: str, motion: str, camera: str,
                end_image: torch.Tensor | None = None, height: int = 0, width: int = 0,
                unique_id: str | None = None) -> tuple:  # fmt: skip
