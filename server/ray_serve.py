@@ -16,7 +16,6 @@ import logging
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -161,11 +160,41 @@ class Api:
 
 
 def serve_on_ray(config: ServerConfig, model: str) -> None:
-    """Start (or join) a Ray cluster, run the application on it, and block until SIGINT/SIGTERM."""
-    import ray
+    """Run the application on Ray until SIGINT/SIGTERM, then shut Serve and Ray down.
+
+    Ray's core worker takes a SIGTERM sent to its driver as its own exit (its C++ handler may be the one installed
+    when the signal lands) and then aborts the Python shutdown that follows. So the driver runs in a child process
+    that never gets SIGTERM: this process turns SIGINT/SIGTERM into a stop message on a pipe, and exits with the
+    driver's code."""
+    import multiprocessing
 
     if config.parallel_world > 1:
         raise ValueError("--parallel with --ray is not supported: each Ray worker replica runs on one GPU.")
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    driver = context.Process(target=_ray_driver, args=(config, model, theirs), name="ruyi-trt-ray-driver")
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        driver.start()
+        while driver.is_alive() and not stop.wait(0.5):
+            pass
+        if driver.is_alive():
+            ours.send("stop")
+        driver.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if driver.exitcode:
+        raise RuntimeError(f"the Ray driver exited with code {driver.exitcode}; see the log above.")
+
+
+def _ray_driver(config: ServerConfig, model: str, stop) -> None:
+    """The child of `serve_on_ray`: start (or join) a Ray cluster, run the application, wait for "stop"."""
+    import ray
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -182,22 +211,11 @@ def serve_on_ray(config: ServerConfig, model: str) -> None:
         serve.run(api.bind(worker.bind(model, options), settings, replicas), name=APP_NAME, route_prefix="/")
         log.info("serving %s on Ray: http://%s:%d, %d worker replica(s) (%s)", model, config.host, config.port,
                  replicas, "one GPU each" if gpus else "CPU")  # fmt: skip
-        _wait_for_signal()
+        print("ruyi-trt serve --ray: ready", flush=True)
+        try:
+            stop.recv()
+        except EOFError:  # the parent is gone
+            pass
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM. Ray's core installs a SIGTERM handler of its own that aborts the process, and
-    may do so after this one is set (Python does not see it), so ours is set again every half second."""
-    stop = threading.Event()
-
-    def handler(*_: object) -> None:
-        stop.set()
-
-    print("ruyi-trt serve --ray: ready", flush=True)
-    while not stop.is_set():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, handler)  # sets the C-level handler again even where Python thinks it is set
-        time.sleep(0.5)
