@@ -106,15 +106,19 @@ def insert_qdq(model, layers: Mapping[str, LinearScales], precision: str, scope:
                   and [list(a.ints) for a in node.attribute if a.name == "perm"] in ([], [[1, 0]])}  # fmt: skip
     report = QdqReport(precision)
     nodes, added, replaced = [], [], set()
+    held = {}  # single-consumer Transpose(W) nodes, emitted just before their consumer (after the weight's DQ)
     for node in model.graph.node:
+        if node.output and node.output[0] in transposes and consumers.get(node.output[0]) == 1:
+            held[node.output[0]] = node
+            continue
         layer = module_of(node.name, scope) if node.op_type in ("MatMul", "Gemm") else ""
         weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
-        transpose = transposes.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if transpose is not None and consumers[node.input[1]] == 1:
+        transpose = held.pop(node.input[1], None) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if transpose is not None:
             weight = initializers[transpose.input[0]]
-        else:
-            transpose = None
+        nodes.extend(held.pop(name) for name in node.input if name in held)  # any other consumer of a held one
         if layer not in layers or weight is None:
+            nodes.extend([transpose] if transpose is not None else [])
             nodes.append(node)
             continue
         transposed = transpose is not None or (node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))
@@ -124,8 +128,7 @@ def insert_qdq(model, layers: Mapping[str, LinearScales], precision: str, scope:
         if consumers[weight.name] == 1:
             replaced.add(weight.name)
         nodes.extend(pre)
-        if transpose is not None:  # DQ(W_q) -> Transpose -> MatMul: the Transpose moves after the weight's DQ
-            nodes.remove(transpose)
+        if transpose is not None:  # DQ(W_q) -> Transpose -> MatMul
             transpose.input[0] = weight_dq
             nodes.append(transpose)
         nodes.append(node)
