@@ -36,7 +36,6 @@ WEB_DIR = Path(__file__).with_name("web")
 PAGE_FILES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript"),
               "/style.css": ("style.css", "text/css")}  # fmt: skip
 MAX_FORM_FILES = 10
-EVENT_POLL_S = 0.2
 KEEPALIVE_S = 15.0
 DRAIN_LIMIT = 1 << 30  # a refused body is read (and dropped) up to this size so the client sees the 413
 
@@ -219,22 +218,29 @@ def _page_file(path: Path, media_type: str):
 
 
 async def _events(request: Request, job_id: str):
-    """One `job` event per change of the job, a comment line as keep-alive; ends once the job has finished."""
-    store, last, quiet = _service(request).store, None, 0.0
-    while not await request.is_disconnected():
-        job = store.get(job_id)
-        if job is None:
-            yield "event: gone\ndata: {}\n\n"
-            return
-        data = job.to_json()
-        data.pop("seconds")
-        if data != last:
-            last, quiet = data, 0.0
-            yield f"event: job\ndata: {json.dumps(job.to_json())}\n\n"
-            if job.state in FINISHED:
+    """One `job` event per change of the job (every progress report, none skipped), a comment line as keep-alive;
+    ends once the job has finished."""
+    loop = asyncio.get_running_loop()
+    changes: asyncio.Queue = asyncio.Queue()
+    store = _service(request).store
+    stop_watching = store.watch(job_id, lambda job: loop.call_soon_threadsafe(changes.put_nowait, job))
+    last = None
+    try:
+        while not await request.is_disconnected():
+            try:
+                job = await asyncio.wait_for(changes.get(), timeout=KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if job is None:
+                yield "event: gone\ndata: {}\n\n"
                 return
-        elif quiet >= KEEPALIVE_S:
-            quiet = 0.0
-            yield ": keep-alive\n\n"
-        await asyncio.sleep(EVENT_POLL_S)
-        quiet += EVENT_POLL_S
+            data = job.to_json()
+            data.pop("seconds")
+            if data != last:
+                last = data
+                yield f"event: job\ndata: {json.dumps(job.to_json())}\n\n"
+                if job.state in FINISHED:
+                    return
+    finally:
+        stop_watching()

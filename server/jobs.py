@@ -7,6 +7,7 @@ reason once it has been interrupted `max_attempts` times. Results are files unde
 the server made (never by anything a request sent); `expire` deletes finished jobs older than the retention age.
 
 All access goes through one connection guarded by a lock (the HTTP handlers and the dispatcher share it).
+`watch` hands every change of one job to a callback, in order, under that lock (the progress event stream).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,13 +121,15 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._watchers: dict[str, list[Callable[[Job | None], None]]] = {}
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *changing: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the watchers of the jobs in `changing` hear of it once it is committed."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -135,6 +138,7 @@ class JobStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._changed(*changing)
 
     def _query(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -186,12 +190,14 @@ class JobStore:
     # -- running ------------------------------------------------------------------------------------
     def claim(self) -> Job | None:
         """The oldest queued job, now marked running (attempts + 1); None when nothing waits."""
-        with self._transaction() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, stage = NULL, "
-                       "done = 0, total = 0, step = 0 WHERE id = ?", (time.time(), row["id"]))  # fmt: skip
+        with self._lock:
+            with self._transaction() as db:
+                row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+                if row is None:
+                    return None
+                db.execute("UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, stage = NULL, "
+                           "done = 0, total = 0, step = 0 WHERE id = ?", (time.time(), row["id"]))  # fmt: skip
+            self._changed(row["id"])
         return self.get(row["id"])
 
     def progress(self, job_id: str, stage: str, done: int, total: int) -> None:
@@ -200,6 +206,7 @@ class JobStore:
         with self._lock:
             self._db.execute(f"UPDATE jobs SET stage = ?, done = ?, total = ?{step} WHERE id = ? AND state = 'running'",
                              args)  # fmt: skip
+            self._changed(job_id)
 
     def finish(self, job_id: str, video: Path, stats: dict) -> None:
         self._end(job_id, "done", video=str(video), stats=json.dumps(stats), error=None)
@@ -212,7 +219,7 @@ class JobStore:
 
     def _end(self, job_id: str, state: str, **values: str | None) -> None:
         sets = "".join(f", {name} = ?" for name in values)
-        with self._transaction() as db:
+        with self._transaction(job_id) as db:
             db.execute(f"UPDATE jobs SET state = ?, finished = ?{sets} WHERE id = ? AND state = 'running'",
                        (state, time.time(), *values.values(), job_id))  # fmt: skip
             db.execute("DELETE FROM inputs WHERE job_id = ?", (job_id,))
@@ -220,7 +227,7 @@ class JobStore:
     def requeue(self, job_id: str, reason: str, counted: bool = True) -> str:
         """Put an interrupted running job back in the queue, or fail it after `max_attempts` runs; the new state.
         An uncounted interruption (the server was told to stop) does not use up an attempt."""
-        with self._transaction() as db:
+        with self._transaction(job_id) as db:
             row = db.execute("SELECT attempts, state, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] != "running":
                 return row["state"] if row else "missing"
@@ -245,10 +252,37 @@ class JobStore:
         running = [row["id"] for row in self._query("SELECT id FROM jobs WHERE state = 'running' ORDER BY seq")]
         return {job_id: self.requeue(job_id, "the server stopped while the job ran") for job_id in running}
 
+    # -- watching -----------------------------------------------------------------------------------
+    def watch(self, job_id: str, callback: Callable[[Job | None], None]) -> Callable[[], None]:
+        """Call `callback` with the job as it is now, then again after each change to it (None once it is gone),
+        in the order of the changes and under the store's lock (so it must be quick); the function returned stops
+        that."""
+        with self._lock:
+            self._watchers.setdefault(job_id, []).append(callback)
+            callback(self.get(job_id))
+
+        def stop() -> None:
+            with self._lock:
+                callbacks = self._watchers.get(job_id, [])
+                if callback in callbacks:
+                    callbacks.remove(callback)
+                if not callbacks:
+                    self._watchers.pop(job_id, None)
+
+        return stop
+
+    def _changed(self, *job_ids: str) -> None:
+        for job_id in job_ids:
+            callbacks = self._watchers.get(job_id)
+            if callbacks:
+                job = self.get(job_id)
+                for callback in list(callbacks):
+                    callback(job)
+
     # -- cancelling and expiring --------------------------------------------------------------------
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job now, or flag a running one (its worker stops at its next progress report)."""
-        with self._transaction() as db:
+        with self._transaction(job_id) as db:
             db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, error = 'cancelled before it ran' "
                        "WHERE id = ? AND state = 'queued'", (time.time(), job_id))  # fmt: skip
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,))
@@ -260,10 +294,12 @@ class JobStore:
         """Delete finished jobs (and their videos) that finished more than `max_age_s` seconds ago; their ids."""
         cutoff = time.time() - max_age_s
         marks = ",".join("?" * len(FINISHED))
-        with self._transaction() as db:
-            rows = db.execute(f"SELECT id, video FROM jobs WHERE state IN ({marks}) AND finished < ?",
-                              (*FINISHED, cutoff)).fetchall()  # fmt: skip
-            db.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
+        with self._lock:
+            with self._transaction() as db:
+                rows = db.execute(f"SELECT id, video FROM jobs WHERE state IN ({marks}) AND finished < ?",
+                                  (*FINISHED, cutoff)).fetchall()  # fmt: skip
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
+            self._changed(*(row["id"] for row in rows))
         for row in rows:
             self.result_path(row["id"]).unlink(missing_ok=True)
         return [row["id"] for row in rows]

@@ -35,6 +35,26 @@ def test_submit_claim_progress_finish(tmp_path) -> None:
     assert [j.id for j in store.list()] == [first.id, second.id]
 
 
+def test_watch_hears_every_change_in_order_until_stopped(tmp_path) -> None:
+    store = JobStore(tmp_path)
+    job = store.submit(OPTIONS, [b"x"])
+    heard = []
+    stop = store.watch(job.id, lambda j: heard.append(None if j is None else (j.state, j.stage, j.step)))
+    store.claim()
+    for step in (1, 2):
+        store.progress(job.id, "denoise", step, 2)
+    store.progress(job.id, "vae_decode", 1, 1)
+    store.finish(job.id, store.result_path(job.id), {})
+    assert heard == [("queued", None, 0), ("running", None, 0), ("running", "denoise", 1), ("running", "denoise", 2),
+                     ("running", "vae_decode", 2), ("done", "vae_decode", 2)]  # fmt: skip
+    store.expire(-1.0)
+    assert heard[-1] is None  # gone
+    stop()
+    other = store.submit(OPTIONS, [b"y"])
+    store.claim()
+    assert len(heard) == 7 and store.get(other.id).state == "running"
+
+
 def test_queue_limit_counts_waiting_jobs(tmp_path) -> None:
     store = JobStore(tmp_path, max_queue=2)
     store.submit(OPTIONS, [b"1"])
