@@ -16,8 +16,11 @@ are (what `ruyi-trt calibrate` writes for both precisions), else per tensor; act
 shrinks ~4x from fp32).
 
 ONNX Runtime's CPU provider fuses DQ -> MatMul into MatMulIntegerToFloat, which has no float8 kernel: FP8
-graphs must run with its QDQ fusion off (`ORT_FP8_SESSION_CONFIG`); they then compute the exact Q/DQ
-arithmetic in float (a numerical check, not a speed-up). INT8 graphs run fused.
+graphs must run with its QDQ fusion off; they then compute the exact Q/DQ arithmetic in float (a numerical
+check, not a speed-up). INT8 graphs run fused where the CPU has VNNI (or is not x86): on x86 CPUs without it,
+the fused kernel multiplies u8 x s8 pairs with VPMADDUBSW, whose int16 sums saturate (measured on an AVX2-only
+EPYC: 6.8% of max |out| off the exact Q/DQ arithmetic on the tiny transformer, against 3e-7 unfused), so there
+int8 runs unfused too. `qdq_session_config(precision, device)` gives the session options for both.
 
 `ensure_qdq_graph` caches the rewritten graph in `cache_root()/qdq/<key>/` (written whole, files.atomic_folder,
 one process at a time), keyed by the source graph's bytes, the scales' identity and the precision.
@@ -25,9 +28,11 @@ one process at a time), keyed by the source graph's bytes, the scales' identity 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import platform
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,8 +49,38 @@ log = logging.getLogger(__name__)
 QDQ_OPSET = 19  # float8e4m3fn QuantizeLinear/DequantizeLinear
 PRECISIONS = ("fp8", "int8")
 QMAX = {"fp8": 448.0, "int8": 127.0}
-ORT_FP8_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
+UNFUSED_QDQ = {"session.disable_quant_qdq": "1"}  # ORT session option: Q/DQ computed as written
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 RECORD_NAME = "qdq.json"
+
+
+def qdq_session_config(precision: str, device: torch.device | str) -> dict[str, str] | None:
+    """ONNX Runtime session options for a Q/DQ graph of `precision` on `device` (see the module docstring)."""
+    if precision == "fp8" or (precision == "int8" and torch.device(device).type == "cpu" and not this_cpu_int8_exact()):
+        return dict(UNFUSED_QDQ)
+    return None
+
+
+def cpu_int8_exact(machine: str, cpuinfo: str) -> bool:
+    """Whether ONNX Runtime's fused int8 CPU kernels are free of int16 saturation on a CPU of `machine`
+    (platform.machine()) with /proc/cpuinfo text `cpuinfo`: any non-x86 CPU, or an x86 one with a VNNI flag."""
+    if machine.lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in VNNI_FLAGS)
+
+
+@functools.cache
+def this_cpu_int8_exact() -> bool:
+    """`cpu_int8_exact` for this machine (an x86 CPU whose flags cannot be read counts as without VNNI)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    exact = cpu_int8_exact(platform.machine(), cpuinfo)
+    if not exact:
+        log.info("this CPU has no VNNI: int8 Q/DQ graphs run in ONNX Runtime with QDQ fusion off (exact, slower)")
+    return exact
 
 
 class LinearScales(Protocol):

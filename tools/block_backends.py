@@ -80,7 +80,7 @@ def ort_block(precision: str | None):
     call's inputs."""
 
     def make(host: nn.Module, work: Path, device: torch.device, inputs: dict[str, Tensor]) -> Runner:
-        from ..export.qdq import ORT_FP8_SESSION_CONFIG, quantize_graph_file
+        from ..export.qdq import qdq_session_config, quantize_graph_file
         from ..runtime.backends.ort_backend import OrtGraph
 
         graph = BlockGraph(host).eval()
@@ -98,7 +98,7 @@ def ort_block(precision: str | None):
             quantize_graph_file(path, quantized, scales.layers, precision, scope="")
             path.unlink()
             path = quantized
-        session = OrtGraph(path, device, config=ORT_FP8_SESSION_CONFIG if precision == "fp8" else None)
+        session = OrtGraph(path, device, config=qdq_session_config(precision, device))
         return lambda tensors: session.run(**tensors)[0]
 
     return make

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ...deps import require
-from ...export.qdq import ORT_FP8_SESSION_CONFIG
+from ...export.qdq import qdq_session_config
 from ...models.checkpoint import Checkpoint
 from ...models.vae import decode_in_chunks, encode_in_chunks
 from .protocol import CallableBackend, Components
@@ -163,7 +163,7 @@ def ort_components(checkpoint: Checkpoint | str | Path, device: torch.device | s
     else:
         precision, calibration = quantized
         path = quantized_transformer(checkpoint, manifest.graph_path(out, listing, "transformer"), precision, Path(calibration))
-        transformer = OrtGraph(path, device, providers, ORT_FP8_SESSION_CONFIG if precision == "fp8" else None)
+        transformer = OrtGraph(path, device, providers, qdq_session_config(precision, device))
     decoder, one_frame = graph("vae_decoder"), graph("vae_decoder_one_frame")
 
     def encode_video(video: torch.Tensor) -> torch.Tensor:

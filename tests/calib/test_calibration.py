@@ -102,7 +102,7 @@ def test_qdq_graphs_are_standard_onnx_and_tensorrt_ready(qdq_graphs: dict[str, P
 # 15% (int8) / 10% (fp8) of its max |out| at the worst element (measured: 0.998 / 9% and 0.9988 / 5%).
 @pytest.mark.parametrize("precision, min_cosine, max_rel", [("int8", 0.995, 0.15), ("fp8", 0.995, 0.10)])
 def test_ort_runs_qdq_graphs_close_to_fp32(qdq_graphs: dict[str, Path], precision: str, min_cosine: float, max_rel: float):
-    from ruyi_trt.export.qdq import ORT_FP8_SESSION_CONFIG
+    from ruyi_trt.export.qdq import qdq_session_config
     from ruyi_trt.runtime.backends.ort_backend import OrtGraph
     from ruyi_trt.tools.bench_models import Shape, denoiser_inputs
 
@@ -112,7 +112,7 @@ def test_ort_runs_qdq_graphs_close_to_fp32(qdq_graphs: dict[str, Path], precisio
     cos, sin = inputs.pop("image_rotary_emb")
     feeds = {**inputs, "rope_cos": cos, "rope_sin": sin}
     expected = OrtGraph(qdq_graphs["fp32"], torch.device("cpu")).run(**feeds)[0]
-    config = ORT_FP8_SESSION_CONFIG if precision == "fp8" else None
+    config = qdq_session_config(precision, "cpu")
     actual = OrtGraph(qdq_graphs[precision], torch.device("cpu"), config=config).run(**feeds)[0]
     cosine = torch.nn.functional.cosine_similarity(actual.flatten().double(), expected.flatten().double(), dim=0)
     assert cosine >= min_cosine
@@ -146,13 +146,25 @@ def test_quantized_build_inputs_without_tensorrt(tiny_calibrations: dict[str, Pa
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)  # fp16 elsewhere
 
 
+def test_int8_runs_unfused_on_x86_cpus_without_vnni():
+    from ruyi_trt.export.qdq import UNFUSED_QDQ, cpu_int8_exact, qdq_session_config, this_cpu_int8_exact
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert not cpu_int8_exact("x86_64", avx2) and not cpu_int8_exact("x86_64", "")
+    assert cpu_int8_exact("x86_64", avx2.replace("avx2", "avx2 avx512f avx512_vnni")) and cpu_int8_exact("aarch64", "")
+    assert qdq_session_config("fp8", "cpu") == qdq_session_config("fp8", "cuda") == UNFUSED_QDQ
+    assert qdq_session_config("int8", "cuda") is None
+    assert qdq_session_config("int8", "cpu") == (None if this_cpu_int8_exact() else UNFUSED_QDQ)
+
+
 # The Q/DQ graph computes what ModelOpt's fake-quantized torch model computes (float32, CPU): fp8 to 1e-5 of max
-# |out|; int8 to 1e-2 (ModelOpt clamps to [-127, 127] and rounds in torch, ONNX saturates to [-128, 127]).
+# |out|; int8 to 1e-2 (ModelOpt clamps to [-127, 127] and rounds in torch, ONNX saturates to [-128, 127]), in the
+# session qdq_session_config gives (fused int8 kernels on VNNI CPUs; unfused elsewhere: 3e-7 on an AVX2-only EPYC).
 @pytest.mark.parametrize("precision, max_rel", [("fp8", 1e-5), ("int8", 1e-2)])
 def test_qdq_graph_equals_modelopt_fake_quantization(exported_dir: Path, precision: str, max_rel: float, tmp_path: Path):
     from ruyi_trt.calib.quantize import calibrate_module
     from ruyi_trt.export.manifest import graph_path, read_manifest
-    from ruyi_trt.export.qdq import ORT_FP8_SESSION_CONFIG, insert_qdq
+    from ruyi_trt.export.qdq import insert_qdq, qdq_session_config
     from ruyi_trt.runtime.backends.ort_backend import OrtGraph
     from ruyi_trt.tools.bench_models import Shape, denoiser_inputs
 
@@ -167,6 +179,6 @@ def test_qdq_graph_equals_modelopt_fake_quantization(exported_dir: Path, precisi
     insert_qdq(graph, scales.layers, precision)
     onnx.save_model(graph, str(tmp_path / "q.onnx"))
     cos, sin = inputs.pop("image_rotary_emb")
-    config = ORT_FP8_SESSION_CONFIG if precision == "fp8" else None
+    config = qdq_session_config(precision, "cpu")
     out = OrtGraph(tmp_path / "q.onnx", torch.device("cpu"), config=config).run(**inputs, rope_cos=cos, rope_sin=sin)[0]
     assert (out - fake).abs().max() <= max_rel * fake.abs().max()
