@@ -18,7 +18,10 @@ replicate padding (which has no half-precision CPU kernel) goes through float32 
 
 Precision is the reference's under CUDA autocast, made explicit: GroupNorm runs and returns float32 (as
 autocast makes nn.GroupNorm), the activation after it runs on that float32 output, and every conv and linear
-rounds its input to its weight dtype. So GroupNorm + SiLU are rounded once, at the next conv.
+rounds its input to its weight dtype. So GroupNorm + SiLU are rounded once, at the next conv. That rounding is
+done right after the activation (`GroupNorm.norm_act`; padding copies values, so the conv sees the same numbers),
+a few whole groups at a time for half-precision inputs: the float32 temporaries are then 1/NORM_SLICES of the
+tensor instead of three float32 copies of it (the statistics are per group, the rest elementwise: same values).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from .vae_config import DOWN_BLOCKS, UP_BLOCKS, VAEConfig
 
 NORM_EPS = 1e-6
+NORM_SLICES = 8  # a half-precision GroupNorm + activation runs on this many slices of whole groups
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "elu": nn.ELU, "mish": nn.Mish}
 
 
@@ -88,15 +92,29 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=NORM_EPS)
         self.per_frame = per_frame
 
-    def normalize(self, x: Tensor) -> Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+    def normalize(self, x: Tensor, channels: slice = slice(None)) -> Tensor:
+        """float32 GroupNorm of x, whose channels are `channels` of the layer's (whole groups)."""
+        weight, bias = self.weight[channels].float(), self.bias[channels].float()
+        groups = self.num_groups * x.shape[1] // self.num_channels
+        if not self.per_frame:
+            return F.group_norm(x.float(), groups, weight, bias, self.eps)
+        b, c, t, h, w = x.shape
+        y = F.group_norm(x.transpose(1, 2).reshape(b * t, c, h, w).float(), groups, weight, bias, self.eps)
+        return y.reshape(b, t, c, h, w).transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.per_frame:
-            return self.normalize(x)
-        b, c, t, h, w = x.shape
-        y = self.normalize(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B*T, C, H, W)
-        return y.reshape(b, t, c, h, w).transpose(1, 2)
+        return self.normalize(x)
+
+    def norm_act(self, x: Tensor, act: nn.Module, dtype: torch.dtype) -> Tensor:
+        """act(GroupNorm(x)) in float32, rounded once to `dtype` (the next conv's); see the module docstring."""
+        if x.dtype == torch.float32 or torch.onnx.is_in_onnx_export():
+            return act(self.normalize(x)).to(dtype)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        step = -(-self.num_groups // NORM_SLICES) * (self.num_channels // self.num_groups)
+        for start in range(0, self.num_channels, step):
+            part = slice(start, start + step)
+            out[:, part] = act(self.normalize(x[:, part], part))
+        return out
 
 
 @dataclass(frozen=True)
@@ -125,8 +143,8 @@ class ResidualBlock3D(nn.Module):
         self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, pad: TimePadding) -> Tensor:
-        h = self.conv1(self.nonlinearity(self.norm1(x)), pad)
-        h = self.conv2(self.nonlinearity(self.norm2(h)), pad)
+        h = self.conv1(self.norm1.norm_act(x, self.nonlinearity, self.conv1.weight.dtype), pad)
+        h = self.conv2(self.norm2.norm_act(h, self.nonlinearity, self.conv2.weight.dtype), pad)
         return h + self.shortcut(x)
 
 
@@ -267,7 +285,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, pad)
         x = self.mid_block(x, pad)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)), pad)
+        return self.conv_out(self.conv_norm_out.norm_act(x, self.conv_act, self.conv_out.weight.dtype), pad)
 
 
 class Decoder(nn.Module):
@@ -295,4 +313,4 @@ class Decoder(nn.Module):
         x = x[:, :, before : x.shape[2] - after]  # context only feeds conv_in and the mid block
         for block in self.up_blocks:
             x = block(x, pad)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)), pad)
+        return self.conv_out(self.conv_norm_out.norm_act(x, self.conv_act, self.conv_out.weight.dtype), pad)

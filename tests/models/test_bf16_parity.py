@@ -36,10 +36,18 @@ ORIGINAL_PLAIN_LAYERNORMS = ("norm_q", "norm_k", "clip_projection.ln_q", "clip_p
 
 
 class PlainGroupNorm(GroupNorm):
-    """nn.GroupNorm as the original calls it (per frame when spatial_group_norm), dtype left to the policy."""
+    """nn.GroupNorm as the original calls it (per frame when spatial_group_norm), dtype left to the policy, and the
+    activation after it on its output, unrounded: the original's next conv casts under autocast."""
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.per_frame:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        b, c, t, h, w = x.shape
+        y = F.group_norm(x.transpose(1, 2).reshape(b * t, c, h, w), self.num_groups, self.weight, self.bias, self.eps)
+        return y.reshape(b, t, c, h, w).transpose(1, 2)
+
+    def norm_act(self, x: torch.Tensor, act: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        return act(self(x))
 
 
 def with_original_norm_classes(model: nn.Module) -> nn.Module:

@@ -111,6 +111,24 @@ def test_posterior_sample_is_seeded() -> None:
     assert posterior.logvar.min() >= -30 and posterior.logvar.max() <= 20
 
 
+# bfloat16, CPU: GroupNorm + SiLU done a few groups at a time into the conv dtype equals the whole float32 norm and
+# activation rounded once, bit for bit, per frame and over the whole clip (the float32 copies are per slice only).
+@pytest.mark.parametrize("per_frame", [True, False])
+@torch.no_grad()
+def test_sliced_norm_act_equals_the_whole_float32_computation(per_frame: bool) -> None:
+    from ruyi_trt.models.vae_blocks import NORM_SLICES, GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(32, 256, per_frame)
+    norm.weight.normal_()
+    norm.bias.normal_()
+    norm = norm.to(torch.bfloat16)
+    x = torch.randn(2, 256, 3, 9, 7).to(torch.bfloat16)
+    act = torch.nn.SiLU()
+    assert NORM_SLICES > 1
+    assert torch.equal(norm.norm_act(x, act, torch.bfloat16), act(norm(x)).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("mode", ["slice_compression_vae", "cache_compression_vae"])
 @torch.no_grad()
 def test_frame_counts_match_config(mode: str) -> None:
