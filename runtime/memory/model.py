@@ -4,10 +4,12 @@
   storage rules of `weights.fp8_storage`, the VAE's parameters (counted on the meta device) and the CLIP tower's.
 - Transformer activations per call, in units of one hidden state h = b*N*D elements (b samples per call):
   the embed output and the running hidden state, the long-skip tensors, and the largest transient of a
-  block: self-attention at the RoPE step (the norm1 output, q before and after its qk-LayerNorm, k, v and
-  the rotated copy, plus three fp32 RoPE temporaries), the FFN (norm3 output, inner and GELU output,
-  b*N*Dff each), or the skip fuse (cat[x, skip], its fp32 copy and fp32 LayerNorm output). SDPA runs as
-  flash/memory-efficient attention, so no N x N matrix is counted.
+  block, as measured inside one full-size block with tools/fake_cuda: self-attention at q's RoPE (3 h: the
+  norm1 output, v and the negated half of q; 6 h in float32: q and k as their LayerNorms return them, the
+  rotated copy, the two RoPE products and their sum), the FFN (3 h: norm3 output and running states, plus
+  inner and GELU output, b*N*Dff each), or the skip fuse (cat[x, skip], its
+  fp32 copy and fp32 LayerNorm output). SDPA runs as flash/memory-efficient attention, so no N x N matrix is
+  counted.
 - VAE encode/decode: the largest tensor of one chunk (the first down block's / last up block's width at
   full resolution over one chunk's frames, or over one spatial tile) times a measured live set, plus the
   video tensors the pipeline's decode stage keeps (fp32 copies during the seam smoothing).
@@ -198,8 +200,8 @@ def block_transient_bytes(cfg: TransformerConfig, call: CallShape, dtype_bytes: 
     h32 = call.batch * call.tokens * cfg.inner_dim * 4
     ff = call.batch * call.tokens * cfg.ff_inner_dim * dtype_bytes
     return {
-        "self-attention (q/k/v, fp32 LayerNorm/RoPE temporaries)": 6 * h + 3 * h32,
-        "FFN inner + GELU output": h + 2 * ff,
+        "self-attention (fp32 q/k after their LayerNorms, fp32 RoPE temporaries)": 3 * h + 6 * h32,
+        "FFN inner + GELU output": 3 * h + 2 * ff,
         "long-skip fuse (cat + fp32 LayerNorm)": 2 * h + 4 * h32,
     }
 
