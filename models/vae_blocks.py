@@ -92,12 +92,12 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=NORM_EPS)
         self.per_frame = per_frame
 
-    def normalize(self, x: Tensor, channels: slice | None = None, groups: int | None = None) -> Tensor:
-        """float32 GroupNorm of x; a slice of the layer's channels holding `groups` whole groups when given."""
-        weight, bias = self.weight.float(), self.bias.float()
-        if channels is not None:
+    def normalize(self, x: Tensor, channels: slice | None = None) -> Tensor:
+        """float32 GroupNorm of x: all the layer's channels, or the slice `channels` of whole groups."""
+        weight, bias, groups = self.weight.float(), self.bias.float(), self.num_groups
+        if channels is not None:  # plain ints, so a traced graph keeps num_groups constant
             weight, bias = weight[channels], bias[channels]
-        groups = self.num_groups if groups is None else groups
+            groups = (channels.stop - channels.start) * self.num_groups // self.num_channels
         if not self.per_frame:
             return F.group_norm(x.float(), groups, weight, bias, self.eps)
         b, c, t, h, w = x.shape
@@ -112,11 +112,10 @@ class GroupNorm(nn.GroupNorm):
         if x.dtype == torch.float32 or torch.onnx.is_in_onnx_export():
             return act(self.normalize(x)).to(dtype)
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
-        per_group = self.num_channels // self.num_groups
-        step = -(-self.num_groups // NORM_SLICES) * per_group
+        step = -(-self.num_groups // NORM_SLICES) * (self.num_channels // self.num_groups)
         for start in range(0, self.num_channels, step):
             part = slice(start, min(start + step, self.num_channels))
-            out[:, part] = act(self.normalize(x[:, part], part, (part.stop - start) // per_group))
+            out[:, part] = act(self.normalize(x[:, part], part))
         return out
 
 

@@ -7,9 +7,8 @@
   block, as measured inside one full-size block with tools/fake_cuda: self-attention at q's RoPE (3 h: the
   norm1 output, v and the negated half of q; 6 h in float32: q and k as their LayerNorms return them, the
   rotated copy, the two RoPE products and their sum), the FFN (3 h: norm3 output and running states, plus
-  inner and GELU output, b*N*Dff each), or the skip fuse (cat[x, skip], its
-  fp32 copy and fp32 LayerNorm output). SDPA runs as flash/memory-efficient attention, so no N x N matrix is
-  counted.
+  inner and GELU output, b*N*Dff each), or the skip fuse (cat[x, skip], its fp32 copy and fp32 LayerNorm
+  output). SDPA runs as flash/memory-efficient attention, so no N x N matrix is counted.
 - VAE encode/decode: the largest tensor of one chunk (the first down block's / last up block's width at
   full resolution over one chunk's frames, or over one spatial tile) times a measured live set, plus the
   video tensors the pipeline's decode stage keeps (fp32 copies during the seam smoothing).
