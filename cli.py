@@ -293,7 +293,7 @@ def bench(model, backends, resolution, size, frames, stages, block_tokens, steps
 @click.option("--per-block", is_flag=True, help="Transformer as embed, plain-block, skip-block and unembed graphs (block weights are inputs) instead of one graph.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (17..20).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]), help="Weights and activations; norms and softmax stay float32.")
-@click.option("--exporter", default="auto", show_default=True, type=click.Choice(["auto", "torchscript", "dynamo"]), help="auto: torchscript, and dynamo for bf16.")
+@click.option("--exporter", default="auto", show_default=True, type=click.Choice(["auto", "torchscript", "dynamo"]), help="auto: torchscript, and dynamo for bf16 and the fp16 VAE graphs.")
 @click.option("--attention", default="decomposed", show_default=True, type=click.Choice(["decomposed", "onnx"]), help="onnx: each attention as one ONNX Attention node (opset 23, TensorRT >= 10.14); decomposed: MatMul-Softmax-MatMul.")
 @click.option("--check", is_flag=True, help="Check every graph in --out for TensorRT readiness; exit 1 on problems.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

@@ -23,10 +23,12 @@ streamed into its .onnx.data file (export/stitch.py). At full size neither form 
 transformer weights in memory.
 
 Exporters: "torchscript" (torch.onnx's tracing exporter: a few seconds per graph; a Python branch takes the
-path of the traced sizes, which the specs choose) or "dynamo" (torch.export based, about 3-10x slower here;
-dynamic dims are exported with Dim.AUTO and renamed to the spec's names). "auto" (the default) picks
-torchscript, and dynamo for bf16, where the tracing exporter fails on the bfloat16 constant of an explicit
-attention scale.
+path of the traced sizes, which the specs choose) or "dynamo" (torch.export based, about 3-10x slower on small
+graphs; dynamic dims are exported with Dim.AUTO and renamed to the spec's names). "auto" (the default) picks
+torchscript, and dynamo where the tracing exporter fails or is too slow: bf16 (it fails on the bfloat16 constant
+of an explicit attention scale) and the fp16 VAE graphs. The tracer runs the graph once, for real, on the CPU in
+the export dtype, and torch's CPU Conv3d in half precision is a slow scalar path: tracing the full-size VAE
+encoder in fp16 took 937 s on a 2-core machine; torch.export traces on fake tensors (40 s).
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ class ExportSettings:
     attention form.
 
     exporter "auto" takes torchscript where it works and dynamo where it does not (bf16: the tracing
-    exporter fails on a bfloat16 attention scale constant). attention "onnx" turns every attention core into one ONNX `Attention` node (the graph's opset
-    becomes 23; TensorRT >= 10.14 parses it into its fused IAttention layer, ONNX Runtime runs it too);
+    exporter fails on a bfloat16 attention scale constant) or is too slow (fp16 VAE graphs: the trace runs
+    half-precision Conv3d on the CPU). attention "onnx" turns every attention core into one ONNX `Attention`
+    node (the graph's opset becomes 23; TensorRT >= 10.14 parses it into its fused IAttention layer, ONNX
+    Runtime runs it too);
     "decomposed" keeps MatMul -> Softmax -> MatMul (for older TensorRT, which fuses that pattern itself).
     """
 
@@ -96,7 +100,8 @@ class ExportSettings:
         """The exporter that traces `component`'s graphs."""
         if self.exporter != "auto":
             return self.exporter
-        return "dynamo" if self.dtype == "bf16" else "torchscript"
+        half_vae = self.dtype == "fp16" and component in ("vae-encoder", "vae-decoder")
+        return "dynamo" if self.dtype == "bf16" or half_vae else "torchscript"
 
     def for_component(self, component: str) -> dict:
         """The settings that shape `component`'s graphs (what its manifest entry records)."""
