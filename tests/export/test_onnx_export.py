@@ -163,12 +163,19 @@ def test_per_block_graphs_chain_to_the_whole_model(tiny_dir: Path, per_block_dir
                          [("transformer", "fp16", "torchscript"), ("image-encoder", "bf16", "dynamo")])  # fmt: skip
 def test_half_precision_graphs_keep_norms_and_softmax_in_fp32(tiny_dir: Path, tmp_path: Path, component: str,
                                                               dtype: str, exporter: str) -> None:  # fmt: skip
-    from ruyi_trt.export.graph_passes import FP32_OPS, elem_types
-
     settings = ExportSettings(dtype=dtype, exporter=exporter)
     result = export_checkpoint(tiny_dir, tmp_path, settings, components=[component], progress=False)
     (entry,) = result.manifest["components"][component]["graphs"].values()
-    model = onnx.load(str(tmp_path / entry["file"]))
+    low = onnx.TensorProto.FLOAT16 if dtype == "fp16" else onnx.TensorProto.BFLOAT16
+    # CLIP's tokens leave in float32 (its residual stream is float32, as the original's under autocast)
+    _assert_fp32_islands(tmp_path / entry["file"], entry, onnx.TensorProto.FLOAT if component == "image-encoder" else low)
+
+
+def _assert_fp32_islands(path: Path, entry: dict, output_type: int) -> None:
+    """Every norm and softmax of the half-precision graph at `path` reads float32; its outputs are `output_type`."""
+    from ruyi_trt.export.graph_passes import FP32_OPS, elem_types
+
+    model = onnx.load(str(path))
     types = elem_types(model)
     nodes = [n for n in model.graph.node if n.op_type in FP32_OPS]
     assert nodes and entry["fp32_nodes"] > 0
@@ -176,11 +183,35 @@ def test_half_precision_graphs_keep_norms_and_softmax_in_fp32(tiny_dir: Path, tm
         assert types[node.input[0]] == onnx.TensorProto.FLOAT, (
             f"{node.name} ({node.op_type}) is not computed in float32"
         )
-    low = onnx.TensorProto.FLOAT16 if dtype == "fp16" else onnx.TensorProto.BFLOAT16
-    # CLIP's tokens leave in float32 (its residual stream is float32, as the original's under autocast)
-    expected = onnx.TensorProto.FLOAT if component == "image-encoder" else low
-    assert {types[v.name] for v in model.graph.output} == {expected}
-    assert check_tensorrt_ready(tmp_path / entry["file"]) == []
+    assert {types[v.name] for v in model.graph.output} == {output_type}
+    assert check_tensorrt_ready(path) == []
+
+
+def test_auto_exporter_traces_half_precision_vae_graphs_with_dynamo() -> None:
+    """The tracing exporter runs the graph once on the CPU in the export dtype; half-precision Conv3d is slow there
+    (the full VAE encoder took 937 s in fp16), so auto takes torch.export, which traces on fake tensors."""
+    half, full = ExportSettings(dtype="fp16"), ExportSettings()
+    assert [half.exporter_for(c) for c in ("transformer", "vae-encoder", "vae-decoder", "image-encoder")] == [
+        "torchscript", "dynamo", "dynamo", "torchscript"]  # fmt: skip
+    assert {full.exporter_for(c) for c in ("vae-encoder", "vae-decoder")} == {"torchscript"}
+    assert ExportSettings(dtype="fp16", exporter="torchscript").exporter_for("vae-encoder") == "torchscript"
+
+
+def test_fp16_vae_encoder_from_dynamo_matches_torch_at_untraced_shapes(tiny_dir: Path, tmp_path: Path) -> None:
+    """The fp16 VAE encoder as auto exports it (dynamo): GroupNorm in float32, fp16 moments, and ONNX Runtime (CPU)
+    equals the fp16 PyTorch encoder at two untraced shapes within fp16 rounding (max abs err <= 1e-2 x scale)."""
+    pytest.importorskip("onnxscript")
+    settings = ExportSettings(dtype="fp16")
+    result = export_checkpoint(tiny_dir, tmp_path, settings, components=["vae-encoder"], progress=False)
+    component = result.manifest["components"]["vae-encoder"]
+    assert component["settings"]["exporter"] == "dynamo"
+    _assert_fp32_islands(tmp_path / "vae_encoder.onnx", component["graphs"]["vae_encoder"], onnx.TensorProto.FLOAT16)
+    spec, module = reference_graph(tiny_dir, "vae_encoder", settings)
+    graph = OrtGraph(tmp_path / "vae_encoder.onnx", CPU)
+    for dims in TEST_DIMS["vae_encoder"]:
+        inputs = spec.sample_inputs(dims, seed=2)
+        assert_close_scaled(graph.run(**inputs)[0], _reference(module, "vae_encoder", inputs), rel=1e-2,
+                            name=f"vae_encoder fp16 at {dims}")  # fmt: skip
 
 
 def test_second_export_reuses_the_cache_and_settings_invalidate_it(tiny_dir: Path, tmp_path: Path) -> None:
