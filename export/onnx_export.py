@@ -54,7 +54,8 @@ from .specs import EXPORT_DTYPES, TORCH_DTYPES, ExportSpec
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("transformer", "vae-encoder", "vae-decoder", "image-encoder")
+VAE_COMPONENTS = ("vae-encoder", "vae-decoder")
+COMPONENTS = ("transformer", *VAE_COMPONENTS, "image-encoder")
 EXPORTERS = ("auto", "torchscript", "dynamo")
 ATTENTION_FORMS = ("decomposed", "onnx")
 DEFAULT_OPSET = 18
@@ -100,7 +101,7 @@ class ExportSettings:
         """The exporter that traces `component`'s graphs."""
         if self.exporter != "auto":
             return self.exporter
-        half_vae = self.dtype == "fp16" and component in ("vae-encoder", "vae-decoder")
+        half_vae = self.dtype == "fp16" and component in VAE_COMPONENTS
         return "dynamo" if self.dtype == "bf16" or half_vae else "torchscript"
 
     def for_component(self, component: str) -> dict:
@@ -227,7 +228,7 @@ def component_graphs(
             (skip, wrappers.TransformerBlockGraph(block(True))),
             (unembed, wrappers.TransformerUnembedGraph(model)),
         ]
-    if component in ("vae-encoder", "vae-decoder"):
+    if component in VAE_COMPONENTS:
         vae = source.vae(dtype)
         if component == "vae-encoder":
             return [(specs.vae_encoder_spec(vae.config, dtype_name), wrappers.VAEEncoderGraph(vae))]
